@@ -1,0 +1,1 @@
+"""Evaluation harness and tasks, shipped as ``hf_kan.eval``."""

@@ -1,0 +1,15 @@
+"""hf-kan: Kolmogorov-Arnold backbones, multimodal attention patches and MoH for Transformers.
+
+Importing this package registers everything it adds to Transformers and PEFT
+(model types with the Auto classes, the ``"hf_kan"`` attention implementation,
+the MoH PEFT method). Registration is idempotent.
+"""
+
+from __future__ import annotations
+
+from . import errors, models  # noqa: F401  (importing registers)
+from .errors import HFKanError
+
+__version__ = "0.1.0"
+
+__all__ = ["HFKanError", "__version__", "errors", "models"]

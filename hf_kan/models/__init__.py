@@ -1,0 +1,4 @@
+"""Model families hf-kan registers with the Transformers Auto classes.
+
+Importing a family's package registers it (idempotent, ``exist_ok=True``).
+"""

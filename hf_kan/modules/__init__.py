@@ -1,0 +1,1 @@
+"""Reusable ``nn.Module`` building blocks (GR-KAN activation, KAN attention operators)."""

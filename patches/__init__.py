@@ -1,0 +1,1 @@
+"""Attention patches for multimodal LLMs, shipped as ``hf_kan.patches``."""
