@@ -9,7 +9,16 @@ from __future__ import annotations
 
 from . import errors, models  # noqa: F401  (importing registers)
 from .errors import HFKanError
+from .models.presets import available_presets, config_from_preset, register_preset
 
 __version__ = "0.1.0"
 
-__all__ = ["HFKanError", "__version__", "errors", "models"]
+__all__ = [
+    "HFKanError",
+    "__version__",
+    "available_presets",
+    "config_from_preset",
+    "errors",
+    "models",
+    "register_preset",
+]
