@@ -9,12 +9,18 @@ from __future__ import annotations
 
 from . import errors, models  # noqa: F401  (importing registers)
 from .errors import HFKanError
+from .models.kat import KATConfig, KATForImageClassification, KATModel
 from .models.presets import available_presets, config_from_preset, register_preset
+from .modules.group_rational import GroupRational
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "GroupRational",
     "HFKanError",
+    "KATConfig",
+    "KATForImageClassification",
+    "KATModel",
     "__version__",
     "available_presets",
     "config_from_preset",

@@ -2,3 +2,5 @@
 
 Importing a family's package registers it (idempotent, ``exist_ok=True``).
 """
+
+from . import kat  # noqa: F401,E402  (registers model_type "kat")

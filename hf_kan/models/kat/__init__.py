@@ -1,0 +1,54 @@
+"""KAT: ViT with Group-Rational KAN MLPs, registered with the Transformers Auto classes.
+
+Importing this package registers ``model_type="kat"`` with ``AutoConfig``, ``AutoModel`` and
+``AutoModelForImageClassification`` (idempotent), and the size presets ``"kat-tiny"``,
+``"kat-small"`` and ``"kat-base"`` (patch 16, 224 px, as published).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from transformers import AutoConfig, AutoModel, AutoModelForImageClassification
+
+from ..presets import register_preset
+from .configuration_kat import KATConfig
+from .modeling_kat import KATForImageClassification, KATModel, KATPreTrainedModel
+
+AutoConfig.register(KATConfig.model_type, KATConfig, exist_ok=True)
+AutoModel.register(KATConfig, KATModel, exist_ok=True)
+AutoModelForImageClassification.register(KATConfig, KATForImageClassification, exist_ok=True)
+
+# name -> (hidden_size, num_hidden_layers, num_attention_heads), the published KAT-T/S/B shapes.
+KAT_SIZES: dict[str, tuple[int, int, int]] = {
+    "kat-tiny": (192, 12, 3),
+    "kat-small": (384, 12, 6),
+    "kat-base": (768, 12, 12),
+}
+
+
+def _kat_factory(hidden_size: int, layers: int, heads: int) -> Callable[..., KATConfig]:
+    def factory(**overrides: Any) -> KATConfig:
+        kwargs: dict[str, Any] = dict(
+            hidden_size=hidden_size,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            mlp_ratio=4.0,
+            image_size=224,
+            patch_size=16,
+            rational_groups=8,
+            rational_1_init="identity",
+            rational_2_init="swish",
+        )
+        kwargs.update(overrides)
+        return KATConfig(**kwargs)
+
+    factory.__doc__ = f"KAT config D={hidden_size}, {layers} layers, {heads} heads; keyword overrides applied."
+    return factory
+
+
+for _name, _shape in KAT_SIZES.items():
+    register_preset(_name, _kat_factory(*_shape))
+
+__all__ = ["KAT_SIZES", "KATConfig", "KATForImageClassification", "KATModel", "KATPreTrainedModel"]

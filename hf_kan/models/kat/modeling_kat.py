@@ -1,0 +1,350 @@
+"""PyTorch KAT (Kolmogorov-Arnold Transformer, Yang & Wang, arXiv 2409.10594).
+
+A ViT (class token, learned position embedding, pre-norm blocks) whose MLP is two Group-Rational KAN
+layers: ``rational_1 -> fc1 -> rational_2 -> fc2``. Attention goes through Transformers'
+attention interface (``"sdpa"`` by default, ``"eager"`` or any registered implementation).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+from transformers import initialization as init
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPooling, ImageClassifierOutput
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.processing_utils import Unpack
+from transformers.utils import TransformersKwargs, logging
+from transformers.utils.generic import can_return_tuple, merge_with_config_defaults
+from transformers.utils.output_capturing import capture_outputs
+
+from ...errors import ImageSizeError
+from ...modules.group_rational import GroupRational
+from .configuration_kat import KATConfig
+
+logger = logging.get_logger(__name__)
+
+
+class KATPatchEmbeddings(nn.Module):
+    """Split ``pixel_values`` ``[B, C, H, W]`` into patches and project them: ``[B, (H/p)*(W/p), D]``."""
+
+    def __init__(self, config: KATConfig):
+        super().__init__()
+        self.num_channels = config.num_channels
+        self.patch_size = config.patch_size
+        self.projection = nn.Conv2d(
+            config.num_channels, config.hidden_size, kernel_size=config.patch_size, stride=config.patch_size
+        )
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        if pixel_values.dim() != 4 or pixel_values.shape[1] != self.num_channels:
+            raise ImageSizeError(
+                f"KAT expects pixel_values of shape [batch, {self.num_channels}, height, width], "
+                f"got {tuple(pixel_values.shape)}"
+            )
+        height, width = pixel_values.shape[-2:]
+        if height % self.patch_size or width % self.patch_size:
+            raise ImageSizeError(
+                f"image size {height}x{width} is not a multiple of the patch size {self.patch_size}; "
+                "resize or crop the images (the image processor does this)"
+            )
+        return self.projection(pixel_values).flatten(2).transpose(1, 2)
+
+
+class KATEmbeddings(nn.Module):
+    """Class token + patch embeddings + learned position embedding (bicubically resized for other image sizes)."""
+
+    def __init__(self, config: KATConfig):
+        super().__init__()
+        self.config = config
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, config.hidden_size))
+        self.patch_embeddings = KATPatchEmbeddings(config)
+        self.position_embeddings = nn.Parameter(torch.zeros(1, config.num_patches + 1, config.hidden_size))
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def interpolate_pos_encoding(self, height: int, width: int) -> torch.Tensor:
+        """Position embeddings for a ``height x width`` image: the patch grid is resized bicubically."""
+        grid = self.config.image_size // self.config.patch_size
+        new_h, new_w = height // self.config.patch_size, width // self.config.patch_size
+        if (new_h, new_w) == (grid, grid) and not torch.jit.is_tracing():
+            return self.position_embeddings
+        cls_pos = self.position_embeddings[:, :1]
+        patch_pos = self.position_embeddings[:, 1:]
+        dim = patch_pos.shape[-1]
+        patch_pos = patch_pos.reshape(1, grid, grid, dim).permute(0, 3, 1, 2)
+        patch_pos = nn.functional.interpolate(
+            patch_pos.float(), size=(new_h, new_w), mode="bicubic", align_corners=False
+        ).to(cls_pos.dtype)
+        patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(1, new_h * new_w, dim)
+        return torch.cat((cls_pos, patch_pos), dim=1)
+
+    def forward(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False) -> torch.Tensor:
+        batch_size, _, height, width = pixel_values.shape
+        embeddings = self.patch_embeddings(pixel_values)
+        embeddings = torch.cat((self.cls_token.expand(batch_size, -1, -1), embeddings), dim=1)
+        if interpolate_pos_encoding:
+            embeddings = embeddings + self.interpolate_pos_encoding(height, width)
+        else:
+            size = self.config.image_size
+            if height != size or width != size:
+                raise ImageSizeError(
+                    f"input image size {height}x{width} does not match the model's {size}x{size}; pass "
+                    "interpolate_pos_encoding=True to resize the position embedding, or resize the images"
+                )
+            embeddings = embeddings + self.position_embeddings
+        return self.dropout(embeddings)
+
+
+def eager_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs: Unpack[TransformersKwargs],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """softmax(q k^T * scaling + mask) v, returned as ``[B, T, H, d]`` with the ``[B, H, T, S]`` weights."""
+    if scaling is None:
+        scaling = query.size(-1) ** -0.5
+    attn_weights = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        attn_weights = attn_weights + attention_mask
+    attn_weights = nn.functional.softmax(attn_weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    attn_weights = nn.functional.dropout(attn_weights, p=dropout, training=module.training)
+    attn_output = torch.matmul(attn_weights, value).transpose(1, 2).contiguous()
+    return attn_output, attn_weights
+
+
+class KATAttention(nn.Module):
+    """Multi-head self-attention with a fused ``qkv`` projection (timm layout: q, k, v stacked along the output)."""
+
+    def __init__(self, config: KATConfig):
+        super().__init__()
+        self.config = config
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.hidden_size // config.num_attention_heads
+        self.scaling = self.head_dim**-0.5
+        self.attention_dropout = config.attention_probs_dropout_prob
+        self.is_causal = False
+        self.qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=config.qkv_bias)
+        self.proj = nn.Linear(config.hidden_size, config.hidden_size)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        batch_size, seq_len, _ = hidden_states.shape
+        qkv = self.qkv(hidden_states).reshape(batch_size, seq_len, 3, self.num_heads, self.head_dim)
+        query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [B, H, T, d]
+
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        attn_output, attn_weights = attention_interface(
+            self,
+            query,
+            key,
+            value,
+            attention_mask,
+            dropout=0.0 if not self.training else self.attention_dropout,
+            scaling=self.scaling,
+            **kwargs,
+        )
+        attn_output = attn_output.reshape(batch_size, seq_len, -1).contiguous()
+        return self.proj(attn_output), attn_weights
+
+
+class KATLinear(nn.Linear):
+    """``nn.Linear`` that records the variance-preserving gain of the activation in front of it (used by init)."""
+
+    def __init__(self, in_features: int, out_features: int, init_gain: float = 1.0):
+        super().__init__(in_features, out_features)
+        self.init_gain = init_gain
+
+
+class KATMLP(nn.Module):
+    """GR-KAN MLP: ``fc2(rational_2(fc1(rational_1(x))))`` (each KAN layer is "activation, then linear")."""
+
+    def __init__(self, config: KATConfig):
+        super().__init__()
+        rational = dict(
+            num_groups=config.rational_groups,
+            shared_numerator=config.rational_shared_numerator,
+            backend=config.rational_backend,
+        )
+        self.rational_1 = GroupRational(config.hidden_size, init=config.rational_1_init, **rational)
+        self.fc1 = KATLinear(config.hidden_size, config.intermediate_size, init_gain=self.rational_1.gain)
+        self.rational_2 = GroupRational(config.intermediate_size, init=config.rational_2_init, **rational)
+        self.fc2 = KATLinear(config.intermediate_size, config.hidden_size, init_gain=self.rational_2.gain)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        hidden_states = self.fc1(self.rational_1(hidden_states))
+        hidden_states = self.dropout(hidden_states)
+        hidden_states = self.fc2(self.rational_2(hidden_states))
+        return self.dropout(hidden_states)
+
+
+class KATDropPath(nn.Module):
+    """Stochastic depth: drop the whole residual branch per sample with probability ``drop_prob`` in training."""
+
+    def __init__(self, drop_prob: float = 0.0):
+        super().__init__()
+        self.drop_prob = drop_prob
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if self.drop_prob == 0.0 or not self.training:
+            return hidden_states
+        keep = 1.0 - self.drop_prob
+        shape = (hidden_states.shape[0],) + (1,) * (hidden_states.dim() - 1)
+        mask = hidden_states.new_empty(shape).bernoulli_(keep)
+        return hidden_states * mask / keep
+
+    def extra_repr(self) -> str:
+        return f"p={self.drop_prob}"
+
+
+class KATLayer(GradientCheckpointingLayer):
+    """Pre-norm transformer block: ``x + attn(norm1(x))`` then ``x + mlp(norm2(x))``."""
+
+    def __init__(self, config: KATConfig, drop_path: float = 0.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.attention = KATAttention(config)
+        self.norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.mlp = KATMLP(config)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.drop_path = KATDropPath(drop_path)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> torch.Tensor:
+        attn_output, _ = self.attention(self.norm1(hidden_states), attention_mask, **kwargs)
+        hidden_states = hidden_states + self.drop_path(self.dropout(attn_output))
+        hidden_states = hidden_states + self.drop_path(self.mlp(self.norm2(hidden_states)))
+        return hidden_states
+
+
+class KATPreTrainedModel(PreTrainedModel):
+    """Base class of the KAT models: weight initialisation and the Transformers integration flags."""
+
+    config: KATConfig
+    config_class = KATConfig
+    base_model_prefix = "kat"
+    main_input_name = "pixel_values"
+    input_modalities = ("image",)
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["KATEmbeddings", "KATLayer"]
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    _can_record_outputs = {"hidden_states": KATLayer, "attentions": KATAttention}
+
+    def _init_weights(self, module: nn.Module) -> None:
+        """Initialise ``module`` according to ``config.init_scheme`` (see :class:`KATConfig`)."""
+        std = self.config.initializer_range
+        if isinstance(module, KATLinear) and self.config.init_scheme == "variance_preserving":
+            # kaiming-normal (fan-in) scaled by the variance-preserving gain of the rational in front of the layer
+            init.normal_(module.weight, mean=0.0, std=module.init_gain / math.sqrt(module.in_features))
+            init.zeros_(module.bias)
+        elif isinstance(module, (nn.Linear, nn.Conv2d)):
+            init.trunc_normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+        elif isinstance(module, GroupRational):
+            numerator, denominator = module.preset_coefficients()
+            init.copy_(module.weight_numerator, numerator)
+            init.copy_(module.weight_denominator, denominator)
+        elif isinstance(module, KATEmbeddings):
+            init.trunc_normal_(module.position_embeddings, mean=0.0, std=std)
+            init.trunc_normal_(module.cls_token, mean=0.0, std=std)
+
+
+class KATModel(KATPreTrainedModel):
+    """The bare KAT encoder: returns the normalised token states and the normalised class token as pooler output."""
+
+    def __init__(self, config: KATConfig):
+        super().__init__(config)
+        self.config = config
+        self.embeddings = KATEmbeddings(config)
+        rates = torch.linspace(0, config.drop_path_rate, config.num_hidden_layers).tolist()
+        self.layers = nn.ModuleList([KATLayer(config, drop_path=rate) for rate in rates])
+        self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.post_init()
+
+    def get_input_embeddings(self) -> KATPatchEmbeddings:
+        return self.embeddings.patch_embeddings
+
+    @merge_with_config_defaults
+    @capture_outputs(tie_last_hidden_states=False)
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        interpolate_pos_encoding: bool | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> BaseModelOutputWithPooling:
+        r"""Encode ``pixel_values`` ``[B, C, H, W]``.
+
+        ``interpolate_pos_encoding``: resize the position embedding bicubically for images whose size differs from
+        ``config.image_size``. ``output_hidden_states=True`` returns the embeddings and the output of every block.
+        """
+        if pixel_values is None:
+            raise ValueError("KATModel needs pixel_values")
+        expected_dtype = self.embeddings.patch_embeddings.projection.weight.dtype
+        if pixel_values.dtype != expected_dtype:
+            pixel_values = pixel_values.to(expected_dtype)
+        hidden_states = self.embeddings(pixel_values, interpolate_pos_encoding=bool(interpolate_pos_encoding))
+        for layer in self.layers:
+            hidden_states = layer(hidden_states, None, **kwargs)
+        sequence_output = self.layernorm(hidden_states)
+        return BaseModelOutputWithPooling(last_hidden_state=sequence_output, pooler_output=sequence_output[:, 0])
+
+
+class KATForImageClassification(KATPreTrainedModel):
+    """KAT with a linear classifier on the (normalised) class token."""
+
+    def __init__(self, config: KATConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.kat = KATModel(config)
+        self.classifier = nn.Linear(config.hidden_size, config.num_labels) if config.num_labels > 0 else nn.Identity()
+        self.post_init()
+
+    @can_return_tuple
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        interpolate_pos_encoding: bool | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> ImageClassifierOutput:
+        r"""Classify ``pixel_values``; with ``labels`` ``[B]`` also returns the loss (cross-entropy for
+        single-label classification, following ``config.problem_type`` like every Transformers classifier)."""
+        outputs: BaseModelOutputWithPooling = self.kat(
+            pixel_values, interpolate_pos_encoding=interpolate_pos_encoding, **kwargs
+        )
+        logits = self.classifier(outputs.pooler_output)
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(labels, logits, self.config, **kwargs)
+        return ImageClassifierOutput(
+            loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
+        )
+
+
+__all__ = ["KATForImageClassification", "KATModel", "KATPreTrainedModel"]
