@@ -9,15 +9,21 @@ from __future__ import annotations
 
 from . import errors, models  # noqa: F401  (importing registers)
 from .errors import HFKanError
+from .models.karat import KArAtConfig, KArAtForImageClassification, KArAtModel
 from .models.kat import KATConfig, KATForImageClassification, KATModel
 from .models.presets import available_presets, config_from_preset, register_preset
+from .modules.fourier_attention import FourierKArAtOperator
 from .modules.group_rational import GroupRational
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "FourierKArAtOperator",
     "GroupRational",
     "HFKanError",
+    "KArAtConfig",
+    "KArAtForImageClassification",
+    "KArAtModel",
     "KATConfig",
     "KATForImageClassification",
     "KATModel",

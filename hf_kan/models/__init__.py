@@ -3,4 +3,4 @@
 Importing a family's package registers it (idempotent, ``exist_ok=True``).
 """
 
-from . import kat  # noqa: F401,E402  (registers model_type "kat")
+from . import karat, kat  # noqa: F401,E402  (registers model_types "karat" and "kat")

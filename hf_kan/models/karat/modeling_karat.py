@@ -1,0 +1,358 @@
+"""PyTorch KArAt (Kolmogorov-Arnold Attention, Maity et al., arXiv 2503.10632), Fourier-KArAt variant.
+
+A ViT (class token, learned position embedding, pre-norm blocks, GELU MLP) whose attention replaces the row-wise
+softmax of ``Q K^T / sqrt(d)`` by the learnable Fourier-KArAt operator
+(:class:`hf_kan.modules.fourier_attention.FourierKArAtOperator`). The operators live in
+``KArAtModel.attention_operators``: one per layer (``karat_sharing="blockwise"``) or a single one used by every
+layer (``"universal"``). Their parameters are indexed by token position, so the model only runs at the configured
+image size.
+
+Attention implementation: the default (``"eager"``) is the KArAt operator, :func:`karat_attention_forward`. The
+model declares no SDPA/flash/flex support because those compute softmax attention, a different function. A custom
+function registered with ``AttentionInterface`` may be selected; it receives the layer's operator as the keyword
+``karat_operator`` and replaces the KArAt computation (a warning says so).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPooling, ImageClassifierOutput
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.processing_utils import Unpack
+from transformers.utils import TransformersKwargs, logging
+from transformers.utils.generic import can_return_tuple, merge_with_config_defaults
+from transformers.utils.output_capturing import capture_outputs
+
+from ...errors import ImageSizeError, UnsupportedModelError
+from ...modules.fourier_attention import FourierKArAtOperator
+from .configuration_karat import KArAtConfig
+
+logger = logging.get_logger(__name__)
+
+
+def _size_error(config: KArAtConfig, got: str) -> ImageSizeError:
+    size, patch = config.image_size, config.patch_size
+    return ImageSizeError(
+        f"this KArAt model was built for {size}x{size} images (patch {patch}, N={config.num_tokens} tokens) but got "
+        f"{got}. Its learnable attention operator has parameters per token position, so it only runs at the "
+        f"configured size: resize or crop the images to {size}x{size} (the image processor does this), or build a "
+        "new model with the image_size you need (position-embedding interpolation cannot apply to the operator)."
+    )
+
+
+class KArAtPatchEmbeddings(nn.Module):
+    """Split ``pixel_values`` ``[B, C, H, W]`` into patches and project them: ``[B, (H/p)*(W/p), D]``."""
+
+    def __init__(self, config: KArAtConfig):
+        super().__init__()
+        self.num_channels = config.num_channels
+        self.patch_size = config.patch_size
+        self.projection = nn.Conv2d(
+            config.num_channels, config.hidden_size, kernel_size=config.patch_size, stride=config.patch_size
+        )
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        if pixel_values.dim() != 4 or pixel_values.shape[1] != self.num_channels:
+            raise ImageSizeError(
+                f"KArAt expects pixel_values of shape [batch, {self.num_channels}, height, width], "
+                f"got {tuple(pixel_values.shape)}"
+            )
+        return self.projection(pixel_values).flatten(2).transpose(1, 2)
+
+
+class KArAtEmbeddings(nn.Module):
+    """Class token + patch embeddings + learned position embedding, for ``config.image_size`` images only."""
+
+    def __init__(self, config: KArAtConfig):
+        super().__init__()
+        self.config = config
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, config.hidden_size))
+        self.patch_embeddings = KArAtPatchEmbeddings(config)
+        self.position_embeddings = nn.Parameter(torch.zeros(1, config.num_tokens, config.hidden_size))
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        height, width = pixel_values.shape[-2:]
+        if height != self.config.image_size or width != self.config.image_size:
+            raise _size_error(self.config, f"{height}x{width} images")
+        embeddings = self.patch_embeddings(pixel_values)
+        embeddings = torch.cat((self.cls_token.expand(embeddings.shape[0], -1, -1), embeddings), dim=1)
+        return self.dropout(embeddings + self.position_embeddings)
+
+
+def karat_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    karat_operator: FourierKArAtOperator | None = None,
+    output_attentions: bool = False,
+    **kwargs: Unpack[TransformersKwargs],
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """KArAt attention: ``sigma_hat(q k^T * scaling) v`` with the learnable operator, returned as ``[B, T, H, d]``.
+
+    ``sigma_hat`` replaces softmax row by row (see ``FourierKArAtOperator``). The ``[B, H, T, T]`` weights are
+    returned (and formed) only when ``output_attentions`` is set. Masks are not supported: the operator has no
+    notion of a masked key.
+    """
+    if karat_operator is None:
+        raise UnsupportedModelError(
+            "karat_attention_forward needs the layer's Fourier-KArAt operator: pass karat_operator=..."
+        )
+    if attention_mask is not None:
+        raise UnsupportedModelError(
+            "KArAt attention does not support attention masks: the learnable operator mixes all N scores of a row, "
+            "so there is no way to exclude a key. Run without attention_mask."
+        )
+    if scaling is None:
+        scaling = query.size(-1) ** -0.5
+    scores = torch.matmul(query, key.transpose(2, 3)) * scaling
+    attn_output, attn_weights = karat_operator(scores, value, dropout=dropout, return_weights=bool(output_attentions))
+    return attn_output.transpose(1, 2).contiguous(), attn_weights
+
+
+class KArAtAttention(nn.Module):
+    """Multi-head self-attention with a fused ``qkv`` projection whose softmax is the given KArAt operator."""
+
+    def __init__(self, config: KArAtConfig):
+        super().__init__()
+        self.config = config
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.hidden_size // config.num_attention_heads
+        self.scaling = self.head_dim**-0.5
+        self.attention_dropout = config.attention_probs_dropout_prob
+        self.is_causal = False
+        self.qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=config.qkv_bias)
+        self.proj = nn.Linear(config.hidden_size, config.hidden_size)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        karat_operator: FourierKArAtOperator,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        batch_size, seq_len, _ = hidden_states.shape
+        if seq_len != karat_operator.num_tokens:
+            raise _size_error(self.config, f"a sequence of {seq_len} tokens")
+        qkv = self.qkv(hidden_states).reshape(batch_size, seq_len, 3, self.num_heads, self.head_dim)
+        query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [B, H, T, d]
+
+        implementation = self.config._attn_implementation
+        if implementation not in (None, "eager"):
+            logger.warning_once(
+                f"KArAt with attn_implementation={implementation!r}: that function replaces the learnable "
+                "Fourier-KArAt operator (it receives it as `karat_operator`); use 'eager' for KArAt itself."
+            )
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, karat_attention_forward)
+        output_attentions = kwargs.pop("output_attentions", None)
+        if output_attentions is None:
+            output_attentions = self.config.output_attentions
+        attn_output, attn_weights = attention_interface(
+            self,
+            query,
+            key,
+            value,
+            None,
+            dropout=0.0 if not self.training else self.attention_dropout,
+            scaling=self.scaling,
+            karat_operator=karat_operator,
+            output_attentions=output_attentions,
+            **kwargs,
+        )
+        attn_output = attn_output.reshape(batch_size, seq_len, -1).contiguous()
+        return self.proj(attn_output), attn_weights
+
+
+class KArAtMLP(nn.Module):
+    """ViT MLP: ``fc2(act(fc1(x)))`` with dropout after each linear layer."""
+
+    def __init__(self, config: KArAtConfig):
+        super().__init__()
+        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.act = ACT2FN[config.hidden_act]
+        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        hidden_states = self.dropout(self.act(self.fc1(hidden_states)))
+        return self.dropout(self.fc2(hidden_states))
+
+
+class KArAtDropPath(nn.Module):
+    """Stochastic depth: drop the whole residual branch per sample with probability ``drop_prob`` in training."""
+
+    def __init__(self, drop_prob: float = 0.0):
+        super().__init__()
+        self.drop_prob = drop_prob
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if self.drop_prob == 0.0 or not self.training:
+            return hidden_states
+        keep = 1.0 - self.drop_prob
+        shape = (hidden_states.shape[0],) + (1,) * (hidden_states.dim() - 1)
+        return hidden_states * hidden_states.new_empty(shape).bernoulli_(keep) / keep
+
+    def extra_repr(self) -> str:
+        return f"p={self.drop_prob}"
+
+
+class KArAtLayer(GradientCheckpointingLayer):
+    """Pre-norm block: ``x + attn(norm1(x))`` then ``x + mlp(norm2(x))``; attention uses ``karat_operator``."""
+
+    def __init__(self, config: KArAtConfig, drop_path: float = 0.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.attention = KArAtAttention(config)
+        self.norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.mlp = KArAtMLP(config)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.drop_path = KArAtDropPath(drop_path)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        karat_operator: FourierKArAtOperator,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> torch.Tensor:
+        attn_output, _ = self.attention(self.norm1(hidden_states), karat_operator, **kwargs)
+        hidden_states = hidden_states + self.drop_path(self.dropout(attn_output))
+        hidden_states = hidden_states + self.drop_path(self.mlp(self.norm2(hidden_states)))
+        return hidden_states
+
+
+class KArAtPreTrainedModel(PreTrainedModel):
+    """Base class of the KArAt models: weight initialisation and the Transformers integration flags."""
+
+    config: KArAtConfig
+    config_class = KArAtConfig
+    base_model_prefix = "karat"
+    main_input_name = "pixel_values"
+    input_modalities = ("image",)
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["KArAtEmbeddings", "KArAtLayer"]
+    # SDPA / flash / flex compute softmax attention, which is not what KArAt computes: "eager" (the default then)
+    # dispatches to karat_attention_forward.
+    _supports_sdpa = False
+    _supports_flash_attn = False
+    _supports_flex_attn = False
+    _can_record_outputs = {"hidden_states": KArAtLayer, "attentions": KArAtAttention}
+
+    def _init_weights(self, module: nn.Module) -> None:
+        """Truncated-normal linear/conv weights, tokens and position embedding; scaled-normal KArAt operators."""
+        std = self.config.initializer_range
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            init.trunc_normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+        elif isinstance(module, KArAtEmbeddings):
+            init.trunc_normal_(module.position_embeddings, mean=0.0, std=std)
+            init.trunc_normal_(module.cls_token, mean=0.0, std=std)
+        elif isinstance(module, FourierKArAtOperator):
+            coeff_std, weight_std = module.init_stds()
+            init.normal_(module.fourier_coeffs, mean=0.0, std=coeff_std)
+            init.normal_(module.low_rank_weight, mean=0.0, std=weight_std)
+
+
+class KArAtModel(KArAtPreTrainedModel):
+    """The bare KArAt encoder: returns the normalised token states and the normalised class token as pooler output."""
+
+    def __init__(self, config: KArAtConfig):
+        super().__init__(config)
+        self.config = config
+        self.embeddings = KArAtEmbeddings(config)
+        self.attention_operators = nn.ModuleList(
+            FourierKArAtOperator(
+                config.num_attention_heads,
+                config.num_tokens,
+                grid_size=config.karat_grid_size,
+                rank=config.karat_rank,
+                implementation=config.karat_implementation,
+            )
+            for _ in range(config.num_operators)
+        )
+        rates = torch.linspace(0, config.drop_path_rate, config.num_hidden_layers).tolist()
+        self.layers = nn.ModuleList([KArAtLayer(config, drop_path=rate) for rate in rates])
+        self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.post_init()
+
+    def get_input_embeddings(self) -> KArAtPatchEmbeddings:
+        return self.embeddings.patch_embeddings
+
+    def operator_for_layer(self, layer_idx: int) -> FourierKArAtOperator:
+        """The Fourier-KArAt operator layer ``layer_idx`` uses (its own, or the universal one)."""
+        return self.attention_operators[layer_idx if self.config.karat_sharing == "blockwise" else 0]
+
+    @merge_with_config_defaults
+    @capture_outputs(tie_last_hidden_states=False)
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        interpolate_pos_encoding: bool | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> BaseModelOutputWithPooling:
+        r"""Encode ``pixel_values`` ``[B, C, image_size, image_size]``.
+
+        ``interpolate_pos_encoding=True`` is rejected with :class:`~hf_kan.errors.ImageSizeError`: the attention
+        operators are tied to the configured token count. ``output_hidden_states=True`` returns the embeddings and
+        the output of every block; ``output_attentions=True`` the learned ``[B, H, N, N]`` attention matrices.
+        """
+        if pixel_values is None:
+            raise ValueError("KArAtModel needs pixel_values")
+        if interpolate_pos_encoding:
+            raise _size_error(self.config, "interpolate_pos_encoding=True")
+        expected_dtype = self.embeddings.patch_embeddings.projection.weight.dtype
+        if pixel_values.dtype != expected_dtype:
+            pixel_values = pixel_values.to(expected_dtype)
+        hidden_states = self.embeddings(pixel_values)
+        for layer_idx, layer in enumerate(self.layers):
+            hidden_states = layer(hidden_states, self.operator_for_layer(layer_idx), **kwargs)
+        sequence_output = self.layernorm(hidden_states)
+        return BaseModelOutputWithPooling(last_hidden_state=sequence_output, pooler_output=sequence_output[:, 0])
+
+
+class KArAtForImageClassification(KArAtPreTrainedModel):
+    """KArAt with a linear classifier on the (normalised) class token."""
+
+    def __init__(self, config: KArAtConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.karat = KArAtModel(config)
+        self.classifier = nn.Linear(config.hidden_size, config.num_labels) if config.num_labels > 0 else nn.Identity()
+        self.post_init()
+
+    @can_return_tuple
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        interpolate_pos_encoding: bool | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> ImageClassifierOutput:
+        r"""Classify ``pixel_values``; with ``labels`` ``[B]`` also returns the loss (cross-entropy for
+        single-label classification, following ``config.problem_type`` like every Transformers classifier)."""
+        outputs: BaseModelOutputWithPooling = self.karat(
+            pixel_values, interpolate_pos_encoding=interpolate_pos_encoding, **kwargs
+        )
+        logits = self.classifier(outputs.pooler_output)
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(labels, logits, self.config, **kwargs)
+        return ImageClassifierOutput(
+            loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
+        )
+
+
+__all__ = ["KArAtForImageClassification", "KArAtModel", "KArAtPreTrainedModel", "karat_attention_forward"]
