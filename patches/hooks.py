@@ -1,0 +1,158 @@
+"""The two hook points the patches use: one on the top-level model, one pair per text decoder layer.
+
+``ModelHook`` (a forward pre-hook with kwargs on the ``...ForConditionalGeneration`` module) runs before every
+forward, prefill and each decode step of ``generate`` alike. It reads the patch config, makes sure the forward has an
+``HFKanCache`` (``generate`` and plain forwards get one transparently), computes the ``TokenLayout`` of the new
+tokens with the family adapter, appends it to the cache ledger and passes a ``ForwardState`` down as the keyword
+argument ``hf_kan_state``. This is how metadata reaches the attention although ``generate`` rejects unknown kwargs
+and never passes images, ``image_sizes`` or ``image_grid_thw`` to ``forward``.
+
+The decoder-layer hooks call the active patches' ``before_layer`` (residual stream entering the layer; may return
+shortened hidden states and edit the layer's kwargs, e.g. slice ``position_embeddings``) and ``after_layer``
+(the layer's output). With no patch that needs them they return immediately.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+from transformers import Cache, DynamicCache
+
+from ..errors import InputLayoutError, UnsupportedModelError
+from .cache import HFKanCache
+from .config import CONFIG_ATTRIBUTE, PatchConfig
+from .layout import build_layout
+from .registry import runtimes_for
+from .state import STATE_KWARG, ForwardState
+
+VISUAL_INPUT_KEYS = ("pixel_values", "pixel_values_videos", "image_grid_thw", "video_grid_thw", "image_sizes",
+                     "mm_encoder_outputs")
+
+
+def is_flash(impl) -> bool:
+    return isinstance(impl, str) and "flash" in impl
+
+
+def check_implementation(config: PatchConfig, impl) -> None:
+    """Raise if ``impl`` cannot run the active patches."""
+    if config.changes_mask and is_flash(impl):
+        raise UnsupportedModelError(
+            f"patch(es) {list(config.active)} change the attention mask, which {impl} cannot express; load the "
+            "model with attn_implementation='hf_kan' (or {'text_config': 'hf_kan', 'vision_config': "
+            "'flash_attention_2'} to keep FlashAttention in the vision tower)"
+        )
+    if config.active and impl != "hf_kan":
+        raise UnsupportedModelError(
+            f"patch(es) {list(config.active)} need the text model's attention to be 'hf_kan', not {impl!r}; call "
+            "hf_kan.patches.apply(model) or model.set_attn_implementation({'text_config': 'hf_kan'})"
+        )
+
+
+class ModelHook:
+    """Forward pre-hook of the top-level model (see the module docstring). Holds no per-call state."""
+
+    def __init__(self, adapter):
+        self.adapter = adapter
+
+    def __call__(self, model, args, kwargs):
+        text_config = model.config.get_text_config()
+        config = PatchConfig.from_dict(getattr(text_config, CONFIG_ATTRIBUTE, None))
+        impl = text_config._attn_implementation
+        if impl != "hf_kan":
+            check_implementation(config, impl)
+            return None
+        if args:
+            kwargs = dict(inspect.signature(model.forward).bind_partial(*args, **kwargs).arguments)
+            kwargs.update(kwargs.pop("kwargs", {}))
+            args = ()
+        input_ids = kwargs.get("input_ids")
+        attention_mask = kwargs.get("attention_mask")
+        if isinstance(attention_mask, torch.Tensor) and attention_mask.ndim != 2:
+            if config.active:
+                raise InputLayoutError(
+                    f"hf_kan patches build masks from token metadata and need a 2-D padding mask (batch, length); got "
+                    f"a {attention_mask.ndim}-D attention_mask"
+                )
+            return None
+        cache = self._cache(model, kwargs)
+        seen = cache.ledger.seen if cache is not None else 0
+        if input_ids is None:
+            embeds = kwargs.get("inputs_embeds")
+            if config.active or embeds is None:
+                raise InputLayoutError(
+                    "hf_kan patches need input_ids to find the image tokens; pass input_ids instead of inputs_embeds"
+                )
+            input_ids = torch.zeros(embeds.shape[:2], dtype=torch.long, device=embeds.device)
+            items = []
+        elif any(kwargs.get(k) is not None for k in VISUAL_INPUT_KEYS if k != "mm_encoder_outputs") or kwargs.get(
+            "mm_encoder_outputs"
+        ):
+            items = self.adapter.visual_items(model, input_ids, kwargs)
+        else:
+            items = []
+        opener = config.mma.assistant_token_ids if config.mma is not None else None
+        layout = build_layout(input_ids, attention_mask, items, offset=seen, assistant_token_ids=opener)
+        if cache is not None:
+            cache.ledger.extend(layout)
+        kwargs[STATE_KWARG] = ForwardState(config, layout, cache, runtimes_for(config), seen_before=seen)
+        return args, kwargs
+
+    @staticmethod
+    def _cache(model, kwargs) -> HFKanCache | None:
+        if "past_key_values" in kwargs and kwargs.get("cache") is None:
+            kwargs["cache"] = kwargs.pop("past_key_values")
+        cache = kwargs.get("cache")
+        use_cache = kwargs.get("use_cache")
+        if use_cache is None:
+            use_cache = getattr(model.config.get_text_config(), "use_cache", True)
+        if isinstance(cache, HFKanCache):
+            return cache
+        if cache is None:
+            if not use_cache:
+                return None
+        elif not (type(cache) is DynamicCache and cache.get_seq_length() == 0):
+            raise UnsupportedModelError(
+                f"the hf_kan backend needs its own cache to track which positions each layer holds; got a "
+                f"{type(cache).__name__} with {cache.get_seq_length() if isinstance(cache, Cache) else '?'} tokens. "
+                "Start from no cache (or an empty DynamicCache / hf_kan.patches.HFKanCache) and pass back the cache "
+                "the previous forward returned"
+            )
+        cache = HFKanCache(config=model.config.get_text_config())
+        kwargs["cache"] = cache
+        return cache
+
+
+class LayerHooks:
+    """Pre- and post-forward hooks of text decoder layer ``layer_idx``."""
+
+    def __init__(self, layer_idx: int):
+        self.layer_idx = layer_idx
+
+    def before(self, module, args, kwargs):
+        state = kwargs.get(STATE_KWARG)
+        if state is None or not state.layer_runtimes:
+            return None
+        hidden = args[0] if args else kwargs["hidden_states"]
+        for rt in state.layer_runtimes:
+            new = rt.before_layer(state, self.layer_idx, hidden, kwargs)
+            if new is not None:
+                hidden = new
+        if args:
+            return (hidden, *args[1:]), kwargs
+        kwargs["hidden_states"] = hidden
+        return args, kwargs
+
+    def after(self, module, args, kwargs, output):
+        state = kwargs.get(STATE_KWARG)
+        if state is None or not state.layer_runtimes:
+            return None
+        hidden = output
+        for rt in state.layer_runtimes:
+            new = rt.after_layer(state, self.layer_idx, hidden)
+            if new is not None:
+                hidden = new
+        return hidden
+
+
+__all__ = ["LayerHooks", "ModelHook", "check_implementation"]

@@ -1,0 +1,19 @@
+"""Which runtime implements which patch (name in the config -> ``PatchRuntime`` subclass).
+
+A new patch adds one line here (and its config dataclass in ``config.py``)."""
+
+from __future__ import annotations
+
+from .config import PatchConfig
+from .mma import MMARuntime
+from .runtime import PatchRuntime
+
+RUNTIMES: dict[str, type[PatchRuntime]] = {"mma": MMARuntime}
+
+
+def runtimes_for(config: PatchConfig) -> list[PatchRuntime]:
+    """Fresh runtimes of the active patches, in registry order (one set per forward)."""
+    return [RUNTIMES[name](getattr(config, name)) for name in RUNTIMES if getattr(config, name) is not None]
+
+
+__all__ = ["RUNTIMES", "runtimes_for"]

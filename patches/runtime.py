@@ -1,0 +1,57 @@
+"""The interface a patch implements to act during a forward (the plug-in point of MMA, VAR, pruning, DyVTE).
+
+A patch is a validated config dataclass (``config.py``) plus a ``PatchRuntime`` subclass registered in
+``RUNTIMES`` under the same name. For each forward, the model hook instantiates the runtimes of the active patches
+and puts them on the ``ForwardState``; the backend and the decoder-layer hooks then call, for every text layer:
+
+- ``before_layer(state, layer_idx, hidden_states, kwargs)`` with the residual stream ENTERING the layer (VAR scores
+  sink tokens here; token dropping returns shortened hidden states and calls ``state.drop_rows``);
+- ``mask_rule(state, layer_idx, q, k, allowed)`` to widen/narrow the ``(B, T, S)`` bool mask built from metadata
+  (``q``/``k``: ``TokenLayout`` of the layer's queries and keys);
+- ``probs_transform(state, layer_idx)`` returning a function that rewrites post-softmax probabilities for that
+  layer, or ``None`` to keep the fused fast path (VAR on its selected layers);
+- ``after_layer(state, layer_idx, hidden_states)`` with the layer's output (DyVTE routers read it here).
+
+Every method has a no-op default; ``changes_mask``/``uses_layer_hooks`` let the backend skip work for patches that do
+not need it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from .layout import TokenLayout
+
+
+class PatchRuntime:
+    """Per-forward behaviour of one patch; subclasses override only the hooks they need."""
+
+    name: str = ""
+    #: whether ``before_layer``/``after_layer`` must be called
+    uses_layer_hooks: bool = False
+    #: whether ``mask_rule`` depends on the layer index (otherwise one mask is shared by layers with equal rows/keys)
+    layer_dependent_mask: bool = False
+
+    def __init__(self, config):
+        self.config = config
+
+    def changes_mask(self, state) -> bool:
+        """Whether ``mask_rule`` can change anything in this forward (checked once per forward)."""
+        return False
+
+    def mask_rule(self, state, layer_idx: int, q: TokenLayout, k: TokenLayout, allowed: torch.Tensor) -> torch.Tensor:
+        return allowed
+
+    def probs_transform(self, state, layer_idx: int) -> Callable[[torch.Tensor, slice], torch.Tensor] | None:
+        return None
+
+    def before_layer(self, state, layer_idx: int, hidden_states: torch.Tensor, kwargs: dict) -> torch.Tensor | None:
+        return None
+
+    def after_layer(self, state, layer_idx: int, hidden_states: torch.Tensor) -> torch.Tensor | None:
+        return None
+
+
+__all__ = ["PatchRuntime"]

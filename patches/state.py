@@ -1,0 +1,100 @@
+"""ForwardState: everything the hf_kan backend needs during ONE forward call.
+
+The model-level hook builds it (layout of the new tokens, the cache and its ledger, the active patch runtimes) and
+passes it down as the keyword argument ``hf_kan_state``; Transformers forwards keyword arguments to every decoder
+layer, attention function and ``cache.update``. Nothing is stored globally or on modules, so two models, two
+threads or two interleaved generations never share state.
+
+Rows vs. keys: the *rows* of a layer are the original positions of the hidden-state rows entering it (all tokens of
+this forward, unless a patch dropped some at an earlier layer boundary with ``drop_rows``); the *keys* of a layer are
+the positions its cache holds (``cache.ledger``), or its rows when there is no cache.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .cache import HFKanCache
+from .compute import COMPUTE
+from .config import PatchConfig
+from .layout import TokenLayout
+from .masks import base_mask, causal_is_trivial
+
+STATE_KWARG = "hf_kan_state"
+
+
+class ForwardState:
+    """Per-forward metadata and mask memo of the hf_kan backend."""
+
+    def __init__(self, config: PatchConfig, layout: TokenLayout, cache: HFKanCache | None, runtimes: list,
+                 seen_before: int, compute: str = "sdpa"):
+        self.config = config
+        self.layout = layout
+        self.cache = cache
+        self.runtimes = runtimes
+        self.seen_before = seen_before
+        self.compute = COMPUTE[compute]
+        self._rows: list[tuple[int, torch.Tensor]] = []  # (from_layer, (B, T') positions; -1 = empty row)
+        self._masks: dict = {}
+        self.mask_runtimes = [r for r in runtimes if r.changes_mask(self)]
+        self.layer_runtimes = [r for r in runtimes if r.uses_layer_hooks]
+        self._layer_dependent = any(r.layer_dependent_mask for r in self.mask_runtimes)
+        self.scratch: dict = {}  # per-forward storage for patches (e.g. VAR sink sets, pruning keep sets)
+
+    # --- rows ------------------------------------------------------------------------------------------------
+    def drop_rows(self, from_layer: int, positions: torch.Tensor) -> None:
+        """From layer ``from_layer`` on, the hidden-state rows are the tokens at original ``positions`` (``(B, T')``,
+        -1 for an empty row in samples that keep fewer tokens). The caller shortens the hidden states itself."""
+        self._rows = [(k, v) for k, v in self._rows if k < from_layer] + [(from_layer, positions)]
+        self._masks.clear()
+
+    def row_positions(self, layer_idx: int) -> torch.Tensor | None:
+        """``(B, T_l)`` original positions of the rows entering layer ``layer_idx``; ``None`` = all new tokens."""
+        current = None
+        for start, pos in self._rows:
+            if start <= layer_idx:
+                current = pos
+        return current
+
+    def query_layout(self, layer_idx: int) -> TokenLayout:
+        rows = self.row_positions(layer_idx)
+        if rows is None:
+            return self.layout
+        return self.layout.gather(torch.where(rows >= 0, rows - self.seen_before, -1))
+
+    # --- keys ------------------------------------------------------------------------------------------------
+    def key_layout(self, layer_idx: int, key_length: int) -> tuple[TokenLayout, object]:
+        """Layout of the layer's keys and a memo key identifying that key set."""
+        if self.cache is None:
+            rows = self.row_positions(layer_idx)
+            return self.query_layout(layer_idx), ("rows", None if rows is None else id(rows))
+        ledger = self.cache.ledger
+        ledger.check(layer_idx, key_length)
+        held = ledger.key_positions(layer_idx)
+        # A layer holding its own subset gets its own memo entry (keyed by layer, not by tensor identity).
+        return ledger.key_layout(layer_idx), ("held", None if held is None else layer_idx, key_length)
+
+    # --- masks -----------------------------------------------------------------------------------------------
+    def mask_for(self, layer_idx: int, key_length: int) -> tuple[torch.Tensor | None, bool]:
+        """``(mask, is_causal)`` for layer ``layer_idx``: a ``(B, 1, T, S)`` bool mask, or ``None`` with
+        ``is_causal`` telling SDPA to apply plain causal masking. Memoised across layers that share rows and keys."""
+        rows = self.row_positions(layer_idx)
+        k, kkey = self.key_layout(layer_idx, key_length)
+        memo = (None if rows is None else id(rows), kkey, layer_idx if self._layer_dependent else None)
+        hit = self._masks.get(memo)
+        if hit is not None:
+            return hit
+        q = self.query_layout(layer_idx)
+        if not self.mask_runtimes and causal_is_trivial(q, k):
+            result = (None, q.length > 1)
+        else:
+            allowed = base_mask(q, k)
+            for rt in self.mask_runtimes:
+                allowed = rt.mask_rule(self, layer_idx, q, k, allowed)
+            result = (allowed[:, None], False)
+        self._masks[memo] = result
+        return result
+
+
+
+__all__ = ["STATE_KWARG", "ForwardState"]

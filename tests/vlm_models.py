@@ -1,0 +1,259 @@
+"""Tiny random vision-language models and inputs for the four families the patches support.
+
+Reusable by every patch test (MMA, pruning, DyVTE, VAR): ``build(family, attn_implementation=...)`` returns a tiny
+model built from a config (random weights, CPU), and ``make_inputs(family, prompts)`` builds a batch of model inputs
+from a list of prompts written as token lists, where the string ``"<image>"`` stands for one image (expanded into the
+right number of image tokens for that family) and the integers are text token ids. Samples of unequal length are
+padded on the ``padding_side`` given. Every prompt ends with the assistant-turn opener ``ASSISTANT`` so MMA has a
+boundary to find.
+
+Token ids (shared by all families): 0 pad, 1 bos, 2 eos, 3 ``USER``, 4 ``ASSISTANT``, 5 image, 6 video,
+7 vision-start, 8 vision-end, 9 image-newline (unused as a token id; LLaVA-NeXT newlines are image tokens),
+10.. ordinary words.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import (
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaNextConfig,
+    LlavaNextForConditionalGeneration,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2VLConfig,
+    Qwen2VLForConditionalGeneration,
+)
+
+FAMILIES = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl")
+PAD, BOS, EOS, USER, ASSISTANT, IMAGE, VIDEO, VSTART, VEND = 0, 1, 2, 3, 4, 5, 6, 7, 8
+VOCAB = 64
+IMG = "<image>"
+
+# LLaVA: 16 px images, patch 4 -> a 4 x 4 grid of 16 tokens per image.
+LLAVA_GRID = 4
+# LLaVA-NeXT: base 16 px / patch 4 -> 4 x 4; pinpoints up to 32 px -> up to 2 x 2 tiles of 4 x 4 patches each.
+NEXT_PINPOINTS = [[16, 32], [32, 16], [32, 32]]
+# Qwen: patch 4, merge 2. The default image is 16 x 24 px -> grid_thw (1, 4, 6) -> 2 x 3 = 6 tokens.
+QWEN_PATCH, QWEN_MERGE, QWEN_TPATCH = 4, 2, 2
+
+
+def _llama_text(num_layers: int = 2, hidden: int = 32, heads: int = 4, kv_heads: int = 2) -> LlamaConfig:
+    return LlamaConfig(
+        vocab_size=VOCAB, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=num_layers,
+        num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=2048,
+        pad_token_id=PAD, bos_token_id=BOS, eos_token_id=EOS, tie_word_embeddings=False,
+    )
+
+
+def _clip(image_size: int = 16, patch: int = 4, hidden: int = 32) -> CLIPVisionConfig:
+    return CLIPVisionConfig(
+        hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=1, num_attention_heads=2,
+        image_size=image_size, patch_size=patch, projection_dim=hidden,
+    )
+
+
+def _qwen_text(num_layers: int = 2, hidden: int = 32) -> dict:
+    return dict(
+        vocab_size=VOCAB, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=num_layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1]},
+        pad_token_id=PAD, bos_token_id=BOS, eos_token_id=EOS, tie_word_embeddings=False,
+    )
+
+
+def config_for(family: str, num_layers: int = 2):
+    """The tiny config of ``family`` (2 decoder layers, hidden 32, 4 heads / 2 KV heads)."""
+    common = dict(image_token_id=IMAGE, tie_word_embeddings=False)
+    if family == "llava":
+        return LlavaConfig(
+            vision_config=_clip(), text_config=_llama_text(num_layers), vision_feature_layer=-1,
+            vision_feature_select_strategy="default", **common,
+        )
+    if family == "llava_next":
+        return LlavaNextConfig(
+            vision_config=_clip(), text_config=_llama_text(num_layers), vision_feature_layer=-1,
+            vision_feature_select_strategy="default", image_grid_pinpoints=NEXT_PINPOINTS, **common,
+        )
+    if family == "qwen2_vl":
+        return Qwen2VLConfig(
+            text_config=_qwen_text(num_layers),
+            vision_config=dict(depth=1, embed_dim=32, hidden_size=32, num_heads=2, mlp_ratio=2, patch_size=QWEN_PATCH,
+                               spatial_merge_size=QWEN_MERGE, temporal_patch_size=QWEN_TPATCH, in_channels=3),
+            video_token_id=VIDEO, vision_start_token_id=VSTART, vision_end_token_id=VEND, **common,
+        )
+    if family == "qwen2_5_vl":
+        return Qwen2_5_VLConfig(
+            text_config=_qwen_text(num_layers),
+            vision_config=dict(depth=2, hidden_size=32, out_hidden_size=32, intermediate_size=64, num_heads=2,
+                               patch_size=QWEN_PATCH, spatial_merge_size=QWEN_MERGE, temporal_patch_size=QWEN_TPATCH,
+                               window_size=16, fullatt_block_indexes=[1], in_channels=3),
+            video_token_id=VIDEO, vision_start_token_id=VSTART, vision_end_token_id=VEND, **common,
+        )
+    raise KeyError(family)
+
+
+_CLASSES = {
+    "llava": LlavaForConditionalGeneration,
+    "llava_next": LlavaNextForConditionalGeneration,
+    "qwen2_vl": Qwen2VLForConditionalGeneration,
+    "qwen2_5_vl": Qwen2_5_VLForConditionalGeneration,
+}
+
+
+def model_class(family: str):
+    return _CLASSES[family]
+
+
+def build(family: str, attn_implementation="sdpa", seed: int = 0, num_layers: int = 2):
+    """A tiny random model of ``family`` in eval mode, float32, on CPU (same weights for the same ``seed``)."""
+    torch.manual_seed(seed)
+    model = _CLASSES[family]._from_config(config_for(family, num_layers), attn_implementation=attn_implementation)
+    # Random init of tiny models gives near-uniform attention; scale q/k up so masks visibly change the outputs.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "language_model" in name and ("q_proj.weight" in name or "k_proj.weight" in name):
+                p.mul_(8.0)
+    return model.eval()
+
+
+# ----------------------------------------------------------------------------------------------- inputs
+
+
+def _image_tokens(family: str, image: dict) -> list[int]:
+    """Placeholder token ids for one image, given its per-family description."""
+    if family == "llava":
+        return [IMAGE] * (LLAVA_GRID * LLAVA_GRID)
+    if family == "llava_next":
+        from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, unpad_image
+
+        h, w = image["size"]
+        nph, npw = get_anyres_image_grid_shape((h, w), NEXT_PINPOINTS, 16)
+        s = 16 // 4
+        unpadded = unpad_image(torch.zeros(1, nph * s, npw * s), (h, w))
+        r, c = unpadded.shape[-2:]
+        return [IMAGE] * (s * s + r * (c + 1))
+    t, h, w = image["thw"]
+    return [VSTART] + [IMAGE] * (t * (h // QWEN_MERGE) * (w // QWEN_MERGE)) + [VEND]
+
+
+def default_image(family: str, k: int = 0) -> dict:
+    """The k-th default image description: NeXT sizes and Qwen grids vary with k so multi-image layouts differ."""
+    if family == "llava_next":
+        return {"size": [(20, 30), (30, 12), (32, 32)][k % 3]}
+    if family in ("qwen2_vl", "qwen2_5_vl"):
+        return {"thw": [(1, 4, 6), (1, 4, 4), (1, 6, 4)][k % 3]}
+    return {}
+
+
+def make_inputs(family: str, prompts: list[list], padding_side: str = "left", seed: int = 0) -> dict:
+    """Model inputs for a batch of prompts (see the module docstring for the prompt format).
+
+    Images get random pixels (seeded). Returns ``input_ids``, ``attention_mask``, the family's image tensors and,
+    for Qwen, ``mm_token_type_ids``.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    seqs, images, per_sample = [], [], []
+    for prompt in prompts:
+        per_sample.append(sum(1 for item in prompt if item == IMG))
+        ids = []
+        for item in prompt:
+            if item == IMG:
+                image = default_image(family, len(images))
+                images.append(image)
+                ids += _image_tokens(family, image)
+            else:
+                ids.append(int(item))
+        seqs.append(ids)
+    length = max(len(s) for s in seqs)
+    input_ids = torch.full((len(seqs), length), PAD, dtype=torch.long)
+    attention_mask = torch.zeros((len(seqs), length), dtype=torch.long)
+    for b, s in enumerate(seqs):
+        sl = slice(length - len(s), length) if padding_side == "left" else slice(0, len(s))
+        input_ids[b, sl] = torch.tensor(s)
+        attention_mask[b, sl] = 1
+    out = Inputs(input_ids=input_ids, attention_mask=attention_mask)
+    out.images_per_sample = per_sample
+    if not images:
+        if family in ("qwen2_vl", "qwen2_5_vl"):
+            out["mm_token_type_ids"] = torch.zeros_like(input_ids, dtype=torch.int)
+        return out
+    if family == "llava":
+        out["pixel_values"] = torch.randn(len(images), 3, 16, 16, generator=gen)
+    elif family == "llava_next":
+        # 1 base tile + up to 4 high-res tiles per image (pinpoints at most 32 x 32 with 16 px tiles).
+        out["pixel_values"] = torch.randn(len(images), 5, 3, 16, 16, generator=gen)
+        out["image_sizes"] = torch.tensor([im["size"] for im in images])
+    else:
+        thw = torch.tensor([im["thw"] for im in images])
+        n_patches = int(thw.prod(-1).sum())
+        out["pixel_values"] = torch.randn(n_patches, 3 * QWEN_TPATCH * QWEN_PATCH * QWEN_PATCH, generator=gen)
+        out["image_grid_thw"] = thw
+        out["mm_token_type_ids"] = (input_ids == IMAGE).to(torch.int)
+    return out
+
+
+class Inputs(dict):
+    """Model keyword arguments, plus ``images_per_sample`` (used by ``sample_inputs``)."""
+
+    images_per_sample: list[int]
+
+
+def sample_inputs(family: str, inputs: Inputs, b: int) -> Inputs:
+    """Sample ``b`` of a batch made by ``make_inputs``, alone and without padding (same images, same pixels)."""
+    ips = inputs.images_per_sample
+    first, n = sum(ips[:b]), ips[b]
+    valid = inputs["attention_mask"][b].bool()
+    out = Inputs(input_ids=inputs["input_ids"][b][valid][None], attention_mask=torch.ones(1, int(valid.sum()),
+                                                                                          dtype=torch.long))
+    out.images_per_sample = [n]
+    if "mm_token_type_ids" in inputs:
+        out["mm_token_type_ids"] = inputs["mm_token_type_ids"][b][valid][None]
+    if n == 0 or "pixel_values" not in inputs:
+        return out
+    if family in ("llava", "llava_next"):
+        out["pixel_values"] = inputs["pixel_values"][first:first + n]
+        if family == "llava_next":
+            out["image_sizes"] = inputs["image_sizes"][first:first + n]
+    else:
+        thw = inputs["image_grid_thw"]
+        rows = torch.cat([torch.zeros(1, dtype=torch.long), thw.prod(-1).cumsum(0)])
+        out["pixel_values"] = inputs["pixel_values"][rows[first]:rows[first + n]]
+        out["image_grid_thw"] = thw[first:first + n]
+    return out
+
+
+def standard_prompt(n_images: int = 1, before: int = 2, after: int = 3) -> list:
+    """``BOS USER w.. <image> .. w.. ASSISTANT`` with ``before`` words before the first image and ``after`` words after
+    each image (Qwen needs text between adjacent images)."""
+    p = [BOS, USER] + [10 + i for i in range(before)]
+    for k in range(n_images):
+        p += [IMG] + [20 + 3 * k + i for i in range(after)]
+    return p + [ASSISTANT]
+
+
+def chat_tokenizer():
+    """A word-level fast tokenizer over this module's vocabulary with a LLaVA-1.5-style chat template."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import WhitespaceSplit
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<pad>", "<s>", "</s>", "USER:", "ASSISTANT:", "<image>", "<video>", "<vs>", "<ve>", "<nl>"]
+    vocab = {w: i for i, w in enumerate(words)}
+    vocab.update({f"w{i}": i for i in range(10, VOCAB)})
+    tok = Tokenizer(WordLevel(vocab, unk_token="<pad>"))
+    tok.pre_tokenizer = WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+        extra_special_tokens={"image_token": "<image>"},
+    )
+    fast.chat_template = (
+        "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}USER: {{ m['content'] }} "
+        "{% else %}ASSISTANT: {{ m['content'] }} </s> {% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+    )
+    return fast
