@@ -8,9 +8,11 @@ Each preset is a rational function F(x) = P(x) / Q(x) with
 
 the per-term "safe" form that :func:`hf_kan.ops.rational.rational_reference` evaluates. The
 coefficients were fitted by least squares to the target function on a dense grid over
-[-3, 3] with :func:`fit_rational` (float64, several L-BFGS starts, best kept), under exactly
-that form. The KAT authors' published GELU preset was fitted under a different denominator
-and is not GELU under the kernel form (F(3) = 1.53), which is why every preset is refitted.
+[-3, 3] with :func:`fit_rational` (float64: a bounded Sanathanan-Koerner iteration, then a
+nonlinear least-squares polish), under exactly that form, with the leading coefficient tied so
+that F grows at most linearly outside the fit range (:data:`ASYMPTOTIC_SLOPE`). The KAT authors' published GELU
+preset was fitted under a different denominator and is not GELU under the kernel form
+(F(3) = 1.53), which is why every preset is refitted.
 
 ``max_abs_error`` is the measured ``max |F(x) - target(x)|`` over the fit grid on [-3, 3];
 ``gain_sq`` is the variance-preserving gain of the fitted rational,
@@ -49,6 +51,18 @@ def _target_functions() -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
 
 TARGET_FUNCTIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = _target_functions()
 """The function each preset approximates (``"swish"`` is SiLU, ``x * sigmoid(x)``; ``"gelu"`` the exact erf GELU)."""
+
+ASYMPTOTIC_SLOPE: dict[str, float] = {
+    "identity": 1.0,
+    "relu": 1.0,
+    "leaky_relu": 1.0,
+    "swish": 1.0,
+    "gelu": 1.0,
+    "tanh": 0.0,
+    "sigmoid": 0.0,
+}
+"""Slope s of each target at +infinity; presets are fitted with F(x) ~ s * x as |x| -> infinity (both signs,
+the form is odd at infinity), so they never grow faster than linearly outside [-3, 3]."""
 
 
 @dataclass(frozen=True)
@@ -96,119 +110,118 @@ PRESETS: dict[str, RationalPreset] = {
     "relu": RationalPreset(
         name="relu",
         numerator=(
-            0.028277265672038684,
-            0.6192194445715847,
-            2.482951550926778,
-            3.29343933230985,
-            1.66830414405981,
-            0.28020896932945966,
+            0.0291180059652297,
+            0.70954052053578,
+            2.886307229806658,
+            3.8310880389394293,
+            1.9369810620855596,
+            0.3246269882877177,
         ),
         denominator=(
-            1.2445429694163361,
-            4.754663063673757,
-            0.9801530826461716,
-            0.3902912944257756,
+            2.2562597203061707,
+            4.266443427895935,
+            1.8468869863677282,
+            0.3246269882877177,
         ),
-        max_abs_error=0.028277265672038646,
-        gain_sq=2.0007222245908736,
+        max_abs_error=0.02911800596522965,
+        gain_sq=1.9993737130381204,
     ),
     "leaky_relu": RationalPreset(
         name="leaky_relu",
         numerator=(
-            0.029799177307451595,
-            0.6183771463732378,
-            2.3227795662431063,
-            3.050514751051884,
-            1.4843734386997323,
-            0.2507874872604987,
+            0.02898177446353022,
+            0.7113834825185412,
+            2.822983997882455,
+            3.812546125505902,
+            1.886243015453043,
+            0.32213873631884443,
         ),
         denominator=(
-            1.1417227988468026,
-            4.39106667720605,
-            0.8708869603245044,
-            0.3468626574417587,
+            2.1972166512569804,
+            4.244874346010242,
+            1.7967806969530407,
+            0.32213873631884443,
         ),
-        max_abs_error=0.029799177307451557,
-        gain_sq=2.0004041726616673,
+        max_abs_error=0.028981774463530167,
+        gain_sq=1.9991430891635926,
     ),
     "swish": RationalPreset(
         name="swish",
         numerator=(
-            -6.298589656113651e-05,
-            0.5030158069784856,
-            0.2518858160014235,
-            0.06303278125243153,
-            0.01022935140922514,
-            0.0008622445107060851,
+            2.6790602322495038e-05,
+            0.5002266167854802,
+            0.2499599950460872,
+            0.0497823179902099,
+            0.004178947701776029,
+            5.9168550019625006e-05,
         ),
         denominator=(
-            0.01864875837411992,
-            0.10735975114172386,
-            0.007531761400127556,
-            0.0006703013569961056,
+            0.0012667183875381177,
+            0.09839006243902682,
+            0.0004444295343000344,
+            5.9168550019625006e-05,
         ),
-        max_abs_error=0.00035370228807529713,
-        gain_sq=2.8105831967763715,
+        max_abs_error=0.00012003290438933334,
+        gain_sq=2.8106926474362646,
     ),
     "gelu": RationalPreset(
         name="gelu",
         numerator=(
-            -0.00077377976036797,
-            0.5144503548910349,
-            0.4190458934441725,
-            0.13101494552559753,
-            0.02403054445203699,
-            0.0027133275237802923,
+            -0.0011426027985564653,
+            0.49963241273055853,
+            0.40732202771055737,
+            0.1072500242806146,
+            0.00936128018497378,
+            0.00019581083666487463,
         ),
         denominator=(
-            0.10305110410438698,
-            0.15683114073074733,
-            0.04098662124386222,
-            7.167817511248283e-12,
+            6.315289188698714e-32,
+            0.2129238074754112,
+            0.0010798699000752064,
+            0.00019581083666487463,
         ),
-        max_abs_error=0.003925831090655446,
-        gain_sq=2.3584735025240176,
+        max_abs_error=0.002437450602469779,
+        gain_sq=2.3520891518781735,
     ),
     "tanh": RationalPreset(
         name="tanh",
         numerator=(
-            -7.213229678823747e-10,
-            1.0011230933083999,
-            -1.7858878105163175e-09,
-            0.1883526591105464,
-            6.653987569287391e-10,
-            0.0029873757365631772,
+            -4.600265800467995e-18,
+            1.0005699429413242,
+            5.040087307520529e-18,
+            0.08550635840151288,
+            -6.714183714118249e-19,
+            0.0,
         ),
         denominator=(
-            0.008703036853401841,
-            0.4999838895228642,
-            0.023834920457107365,
-            0.03318941734733656,
+            0.002472103815537196,
+            0.41636473926846707,
+            2.4034330033642795e-23,
+            0.007192099959506667,
         ),
-        max_abs_error=8.781952873548882e-05,
-        gain_sq=2.536148700153463,
+        max_abs_error=9.058867392419678e-05,
+        gain_sq=2.5361964380635382,
     ),
     "sigmoid": RationalPreset(
         name="sigmoid",
         numerator=(
-            0.5000002492229567,
-            0.2500098382885782,
-            0.05535792957454468,
-            0.006831671098152121,
-            0.0004572087770372546,
-            1.0503139028130675e-05,
+            0.5000000607724977,
+            0.2499992204942821,
+            0.053306514942031896,
+            0.005821707824107405,
+            0.0002776759714078738,
+            0.0,
         ),
         denominator=(
-            2.461147409848386e-05,
-            0.11066005820305755,
-            3.563180438045667e-05,
-            0.000907652521760358,
+            3.834085611775249e-07,
+            0.10661280435593526,
+            1.6458025062282482e-24,
+            0.0005553657095184658,
         ),
-        max_abs_error=1.1367062339125156e-05,
-        gain_sq=3.408560464312657,
+        max_abs_error=7.879551270351115e-07,
+        gain_sq=3.4085601479716003,
     ),
-}
-# END GENERATED PRESETS
+}# END GENERATED PRESETS
 
 
 def available_rational_presets() -> list[str]:
@@ -238,73 +251,68 @@ def fit_grid(points: int = FIT_POINTS) -> torch.Tensor:
     return torch.linspace(*FIT_RANGE, points, dtype=torch.float64)
 
 
-def _lbfgs_fit(
-    x: torch.Tensor, y: torch.Tensor, a0: torch.Tensor, b0: torch.Tensor, steps: int
-) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """One L-BFGS run of the least-squares fit from ``(a0, b0)``; None if it diverged."""
-    a = a0.clone().requires_grad_(True)
-    b = b0.clone().requires_grad_(True)
-    opt = torch.optim.LBFGS(
-        [a, b], lr=1.0, max_iter=steps, history_size=50, line_search_fn="strong_wolfe",
-        tolerance_grad=1e-14, tolerance_change=1e-16,
-    )
-
-    def closure() -> torch.Tensor:
-        opt.zero_grad()
-        loss = ((rational_eval(x, a, b) - y) ** 2).mean()
-        loss.backward()
-        return loss
-
-    try:
-        opt.step(closure)
-    except RuntimeError:
-        return None
-    return a.detach(), b.detach()
-
-
 def fit_rational(
     target: Callable[[torch.Tensor], torch.Tensor],
+    slope: float,
     *,
-    starts: int = 12,
-    steps: int = 400,
     points: int = FIT_POINTS,
-    seed: int = 0,
+    sk_iterations: int = 20,
+    polish: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """Least-squares fit of the safe-form rational to ``target`` on [-3, 3], in float64.
+    r"""Least-squares fit of the safe-form rational to ``target`` on [-3, 3] (float64, deterministic).
 
-    Minimises ``mean((F(x) - target(x))^2)`` over the grid with L-BFGS (strong-Wolfe line search)
-    from ``starts`` starting points (the first is a linear least-squares polynomial fit with Q = 1,
-    the others are random perturbations of it with a random denominator) and keeps the solution with
-    the lowest maximum absolute error. Returns ``(numerator[6], denominator[4], max_abs_error)``;
-    denominators are returned as ``|b_i|`` (the sign is irrelevant under the per-term form).
+    The denominator is written Q(x) = 1 + sum_i c_i |x|^i with c_i = |b_i| >= 0, and the leading numerator
+    coefficient is tied to it, a_5 = ``slope`` * c_4, so that F(x) ~ ``slope`` * x for large |x| (see
+    :data:`ASYMPTOTIC_SLOPE`): the preset extrapolates at most linearly outside the fit range instead of
+    growing like x^2 (an unconstrained GELU fit drives c_4 to 0 and overflows fp16 at |x| = 1e4).
+    Two stages on that bound-constrained problem in (a_0..a_4, c_1..c_4):
+
+    1. Sanathanan-Koerner iteration: repeatedly solve the *linear* least-squares problem
+       ``min || (P(x) - y Q(x)) / Q_prev(x) ||`` with ``c >= 0`` (bounded-variable least squares), which
+       converges to a near-optimal rational without a starting guess;
+    2. polish with nonlinear least squares, ``min sum (P(x)/Q(x) - y)^2`` with ``c >= 0``
+       (trust-region reflective, analytic Jacobian).
+
+    Returns ``(numerator[6], denominator[4], max_abs_error)`` where the error is ``max |F(x) - target(x)|``
+    over the fit grid and the denominator is returned as ``|b_i|``.
     """
-    x = fit_grid(points)
-    y = target(x).to(torch.float64)
-    gen = torch.Generator().manual_seed(seed)
-    vander = torch.stack([x**i for i in range(6)], dim=-1)
-    poly = torch.linalg.lstsq(vander, y.unsqueeze(-1)).solution.squeeze(-1)
+    from scipy.optimize import least_squares, lsq_linear
 
-    best: tuple[torch.Tensor, torch.Tensor, float] | None = None
-    for start in range(starts):
-        if start == 0:
-            a0, b0 = poly.clone(), torch.zeros(4, dtype=torch.float64)
-        else:
-            scale = 10 ** torch.empty(4, dtype=torch.float64).uniform_(-2, 0.5, generator=gen)
-            b0 = scale * torch.rand(4, dtype=torch.float64, generator=gen)
-            # numerator start: least squares of target * Q_0 (exact if the target were rational)
-            q0 = 1.0 + vander[:, 1:5].abs() @ b0
-            a0 = torch.linalg.lstsq(vander, (y * q0).unsqueeze(-1)).solution.squeeze(-1)
-        fitted = _lbfgs_fit(x, y, a0, b0, steps)
-        if fitted is None:  # a diverging start (NaN in the line search): skip it
-            continue
-        a, b = fitted
-        with torch.no_grad():
-            err = (rational_eval(x, a, b) - y).abs().max().item()
-        if math.isfinite(err) and (best is None or err < best[2]):
-            best = (a.detach().clone(), b.detach().abs().clone(), err)
-    if best is None:
-        raise RuntimeError("every start of the rational fit diverged")
-    return best
+    x = fit_grid(points).numpy()
+    y = target(torch.from_numpy(x)).to(torch.float64).numpy()
+    vander = np.stack([x**i for i in range(5)], axis=1)  # [N, 5]: x^0..x^4 (a_5 is tied to c_4)
+    abs_pow = np.stack([np.abs(x) ** i for i in range(1, 5)], axis=1)  # [N, 4]: |x|^1..|x|^4
+    tied = slope * x**5  # d P / d c_4 through a_5 = slope * c_4
+    lower = np.r_[np.full(5, -np.inf), np.zeros(4)]  # params: a_0..a_4, c_1..c_4
+
+    def numerator(p: np.ndarray) -> np.ndarray:
+        return vander @ p[:5] + tied * p[8]
+
+    q = np.ones_like(x)
+    params = np.zeros(9)
+    for _ in range(sk_iterations):
+        design = np.concatenate([vander, -y[:, None] * abs_pow], axis=1)
+        design[:, 8] += tied
+        params = lsq_linear(design / q[:, None], y / q, bounds=(lower, np.inf), method="bvls", tol=1e-14).x
+        q = 1.0 + abs_pow @ params[5:]
+
+    def residual(p: np.ndarray) -> np.ndarray:
+        return numerator(p) / (1.0 + abs_pow @ p[5:]) - y
+
+    def jacobian(p: np.ndarray) -> np.ndarray:
+        qq = 1.0 + abs_pow @ p[5:]
+        jac = np.concatenate([vander / qq[:, None], -(numerator(p) / qq**2)[:, None] * abs_pow], axis=1)
+        jac[:, 8] += tied / qq
+        return jac
+
+    if polish:
+        params = least_squares(
+            residual, params, jac=jacobian, bounds=(lower, np.inf), method="trf",
+            ftol=1e-15, xtol=1e-15, gtol=1e-15, max_nfev=5000,
+        ).x
+    err = float(np.abs(residual(params)).max())
+    num = torch.from_numpy(np.r_[params[:5], slope * params[8]])
+    return num, torch.from_numpy(params[5:].copy()), err
 
 
 def variance_preserving_gain_sq(numerator: torch.Tensor, denominator: torch.Tensor, nodes: int = 200) -> float:
@@ -329,7 +337,7 @@ def _fit_all() -> dict[str, RationalPreset]:
             b = torch.zeros(4, dtype=torch.float64)
             err = 0.0
         else:
-            a, b, err = fit_rational(fn)
+            a, b, err = fit_rational(fn, ASYMPTOTIC_SLOPE[name])
         out[name] = RationalPreset(
             name=name,
             numerator=tuple(float(v) for v in a),  # type: ignore[arg-type]
