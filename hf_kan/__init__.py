@@ -7,7 +7,7 @@ the MoH PEFT method). Registration is idempotent.
 
 from __future__ import annotations
 
-from . import errors, models  # noqa: F401  (importing registers)
+from . import errors, models, moh  # noqa: F401  (importing registers)
 from . import patches  # noqa: F401  (registers the "hf_kan" attention implementation)
 from .errors import HFKanError
 from .models.karat import KArAtConfig, KArAtForImageClassification, KArAtModel
@@ -15,6 +15,7 @@ from .models.kat import KATConfig, KATForImageClassification, KATModel
 from .models.presets import available_presets, config_from_preset, register_preset
 from .modules.fourier_attention import FourierKArAtOperator
 from .modules.group_rational import GroupRational
+from .moh import MoHConfig, moh_aux_loss
 
 __version__ = "0.1.0"
 
@@ -28,10 +29,13 @@ __all__ = [
     "KATConfig",
     "KATForImageClassification",
     "KATModel",
+    "MoHConfig",
     "__version__",
     "available_presets",
     "config_from_preset",
     "errors",
     "models",
+    "moh",
+    "moh_aux_loss",
     "register_preset",
 ]

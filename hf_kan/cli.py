@@ -13,7 +13,9 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-SUBCOMMAND_MODULES: tuple[str, ...] = ()
+SUBCOMMAND_MODULES: tuple[str, ...] = (
+    "hf_kan.moh.train",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,106 @@
+"""The two MoH routers: per-token head gates g in R^H from the token representation x or the per-head queries.
+
+Both return gates of shape [N, H] (N tokens) whose first ``num_shared`` columns belong to the shared heads, and an
+optional load-balance loss. Reference: Jin et al., "MoH: Multi-Head Attention as Mixture-of-Head Attention",
+arXiv 2410.11842, Sec. 3 (two-stage routing, load balance) and Sec. 4.4 / App. (continue-tuning router).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def topk_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Return a 0/1 tensor shaped like ``scores`` [N, E] with ones at the ``k`` largest scores of each row."""
+    mask = torch.zeros_like(scores)
+    if k > 0:
+        mask.scatter_(-1, scores.topk(k, dim=-1).indices, 1.0)
+    return mask
+
+
+def load_balance_loss(probs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """L_b = E * sum_i f_i P_i over the E routed heads.
+
+    f_i = mean over tokens of ``mask[:, i]`` (fraction of tokens routed to head i, no gradient), P_i = mean over tokens
+    of ``probs[:, i]`` (mean router probability). ``probs``, ``mask``: [N, E].
+    """
+    num_routed = probs.shape[-1]
+    f = mask.detach().float().mean(dim=0)
+    p = probs.float().mean(dim=0)
+    return num_routed * (f * p).sum()
+
+
+class LearnedHeadRouter(nn.Module):
+    """Two-stage MoH router: shared heads weighted by alpha1 * softmax(W_s x), top-k routed heads by
+    alpha2 * softmax(W_r x) renormalised over the top-k, with [alpha1, alpha2] = softmax(W_h x).
+
+    Following the authors' code, the routed gates are renormalised over the selected heads and multiplied by k,
+    the shared gates multiplied by h_s and the alphas by 2, so every gate starts near 1 (exactly 1 with zero
+    router weights) and the model starts at plain multi-head-attention scale.
+    """
+
+    def __init__(self, hidden_size: int, num_heads: int, num_shared: int, top_k: int, init_std: float = 0.0) -> None:
+        super().__init__()
+        self.num_heads, self.num_shared, self.top_k = num_heads, num_shared, top_k
+        num_routed = num_heads - num_shared
+        self.routed = nn.Linear(hidden_size, num_routed, bias=False) if num_routed > 0 else None  # W_r
+        self.shared = nn.Linear(hidden_size, num_shared, bias=False) if num_shared > 0 else None  # W_s
+        self.mix = nn.Linear(hidden_size, 2, bias=False) if num_shared > 0 and num_routed > 0 else None  # W_h
+        self.init_std = init_std
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        for lin in (self.routed, self.shared, self.mix):
+            if lin is not None:
+                nn.init.normal_(lin.weight, std=self.init_std) if self.init_std > 0 else nn.init.zeros_(lin.weight)
+
+    def forward(self, x: torch.Tensor, query: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """x: [N, hidden] token representations. Returns gates [N, H] and L_b (None without routed heads)."""
+        x = x.to(next(self.parameters()).dtype)
+        parts, aux = [], None
+        alpha = 2.0 * F.softmax(self.mix(x).float(), dim=-1) if self.mix is not None else None
+        if self.shared is not None:
+            g_shared = self.num_shared * F.softmax(self.shared(x).float(), dim=-1)
+            parts.append(g_shared * alpha[:, :1] if alpha is not None else g_shared)
+        if self.routed is not None:
+            probs = F.softmax(self.routed(x).float(), dim=-1)
+            mask = topk_mask(probs.detach(), self.top_k)
+            kept = probs * mask
+            g_routed = self.top_k * kept / kept.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(kept.dtype).eps)
+            parts.append(g_routed * alpha[:, 1:] if alpha is not None else g_routed)
+            aux = load_balance_loss(probs, mask)
+        return torch.cat(parts, dim=-1), aux
+
+
+class QueryNormHeadRouter(nn.Module):
+    """Parameter-free continue-tuning router (MoH-LLaMA3): the first ``num_shared`` heads are always on; the routed
+    heads are scored by the L2 norm of their query vector, s_i = ||q_i|| / std_j(||q_j||), and the top-k get gate 1,
+    the rest 0. In training the binary gates use a straight-through estimator: forward value mask, gradient of
+    p = softmax(s) over the routed heads (g = mask + (p - stopgrad(p))), so routing gradients reach the queries.
+    """
+
+    def __init__(self, num_heads: int, num_shared: int, top_k: int) -> None:
+        super().__init__()
+        self.num_heads, self.num_shared, self.top_k = num_heads, num_shared, top_k
+
+    def forward(self, x: torch.Tensor | None, query: torch.Tensor) -> tuple[torch.Tensor, None]:
+        """query: [N, H * D] per-token queries (head-major). Returns gates [N, H] and None (no auxiliary loss)."""
+        n = query.shape[0]
+        ones = query.new_ones(n, self.num_shared, dtype=torch.float32)
+        num_routed = self.num_heads - self.num_shared
+        if num_routed == 0:
+            return ones, None
+        heads = query.view(n, self.num_heads, -1)[:, self.num_shared :].float()
+        norms = heads.norm(dim=-1)  # [N, E]
+        if num_routed > 1:
+            norms = norms / norms.std(dim=-1, keepdim=True).clamp_min(torch.finfo(norms.dtype).eps)
+        mask = topk_mask(norms.detach(), self.top_k)
+        if torch.is_grad_enabled() and query.requires_grad:
+            probs = F.softmax(norms, dim=-1)
+            mask = mask + (probs - probs.detach())  # exactly 0/1 forward
+        return torch.cat([ones, mask], dim=-1), None
+
+
+__all__ = ["LearnedHeadRouter", "QueryNormHeadRouter", "load_balance_loss", "topk_mask"]
