@@ -79,7 +79,7 @@ def hf_kan_attention(module, query, key, value, attention_mask, scaling=None, dr
             )
         if isinstance(attention_mask, DeferredMask):
             attention_mask = attention_mask.materialize()
-        return sdpa_compute(module, query, key, value, attention_mask, scaling, dropout, kwargs.get("is_causal"))
+        return sdpa_compute(module, query, key, value, attention_mask, scaling, dropout, kwargs.get("is_causal")), None
     layer_idx = module.layer_idx
     mask, is_causal = state.mask_for(layer_idx, key.shape[2])
     transform = None

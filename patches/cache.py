@@ -93,7 +93,7 @@ class KVLedger:
         if tokens_to_remove <= 0 or self.tokens is None:
             return
         keep = self.seen - tokens_to_remove
-        self.tokens = self.tokens.narrow(1, 0, keep) if keep > 0 else None
+        self.tokens = self.tokens.narrow(0, keep) if keep > 0 else None
         self.held = [None if h is None else h[:, : h.shape[1] - tokens_to_remove] for h in self.held]
 
 

@@ -41,6 +41,16 @@ class ForwardState:
         self._layer_dependent = any(r.layer_dependent_mask for r in self.mask_runtimes)
         self.scratch: dict = {}  # per-forward storage for patches (e.g. VAR sink sets, pruning keep sets)
 
+    def add_runtime(self, runtime) -> None:
+        """Add a runtime to this forward only (for experiments and tests; configured patches come from the config)."""
+        self.runtimes.append(runtime)
+        if runtime.changes_mask(self):
+            self.mask_runtimes.append(runtime)
+            self._layer_dependent |= runtime.layer_dependent_mask
+            self._masks.clear()
+        if runtime.uses_layer_hooks:
+            self.layer_runtimes.append(runtime)
+
     # --- rows ------------------------------------------------------------------------------------------------
     def drop_rows(self, from_layer: int, positions: torch.Tensor) -> None:
         """From layer ``from_layer`` on, the hidden-state rows are the tokens at original ``positions`` (``(B, T')``,

@@ -257,3 +257,18 @@ def chat_tokenizer():
         "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
     )
     return fast
+
+
+_CACHE: dict = {}
+
+
+def shared(family: str, attn_implementation: str = "sdpa"):
+    """One tiny model per (family, implementation) for the whole test session (same weights as ``build(family)``).
+    Tests that change its patches must set the patch state they need themselves."""
+    key = (family, attn_implementation)
+    if key not in _CACHE:
+        _CACHE[key] = build(family, attn_implementation)
+    return _CACHE[key]
+
+
+SUPPRESS = [IMAGE, VIDEO, VSTART, VEND]  # never generate placeholder ids (a full forward would read them as images)
