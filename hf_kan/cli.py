@@ -14,6 +14,7 @@ import sys
 from collections.abc import Sequence
 
 SUBCOMMAND_MODULES: tuple[str, ...] = (
+    "hf_kan.models.kat.convert_kat_timm",
     "hf_kan.moh.train",
 )
 

@@ -23,6 +23,7 @@ from transformers.utils.generic import can_return_tuple, merge_with_config_defau
 from transformers.utils.output_capturing import capture_outputs
 
 from ...errors import ImageSizeError
+from ...hub import ModelCardMixin
 from ...modules.group_rational import GroupRational
 from .configuration_kat import KATConfig
 
@@ -236,8 +237,9 @@ class KATLayer(GradientCheckpointingLayer):
         return hidden_states
 
 
-class KATPreTrainedModel(PreTrainedModel):
-    """Base class of the KAT models: weight initialisation and the Transformers integration flags."""
+class KATPreTrainedModel(ModelCardMixin, PreTrainedModel):
+    """Base class of the KAT models: weight initialisation, the Transformers integration flags, and a model card
+    (README.md) written by ``save_pretrained`` / ``push_to_hub`` (see :mod:`hf_kan.hub`)."""
 
     config: KATConfig
     config_class = KATConfig

@@ -1,0 +1,271 @@
+"""KAT model: registration, Auto round trip, presets, invariants (identity rationals == linear MLP / linear ViT)."""
+
+from __future__ import annotations
+
+import importlib
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from transformers import (
+    AutoConfig,
+    AutoImageProcessor,
+    AutoModel,
+    AutoModelForImageClassification,
+    ViTConfig,
+    ViTForImageClassification,
+)
+
+import hf_kan
+from hf_kan.errors import HFKanConfigError, ImageSizeError
+from hf_kan.models.kat import KATConfig, KATForImageClassification, KATModel
+from hf_kan.models.kat.image_processing_kat import kat_image_processor
+from hf_kan.models.kat.modeling_kat import KATMLP, KATLayer
+from hf_kan.modules.rational_presets import PRESETS
+
+
+def tiny_config(**overrides) -> KATConfig:
+    kwargs = dict(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                  rational_groups=4, num_labels=5)
+    kwargs.update(overrides)
+    return KATConfig(**kwargs)
+
+
+def perturb_rationals(model: torch.nn.Module, scale: float = 0.05) -> None:
+    """Move rational coefficients away from their preset, so a test notices if they are re-initialised."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "weight_numerator" in name or "weight_denominator" in name:
+                p.add_(torch.randn_like(p) * scale)
+
+
+def test_registration_is_idempotent_and_exported():
+    assert isinstance(AutoConfig.for_model("kat"), KATConfig)
+    importlib.reload(importlib.import_module("hf_kan.models.kat"))  # importing twice is harmless
+    importlib.reload(importlib.import_module("hf_kan.models.kat"))
+    config = AutoConfig.for_model("kat", hidden_size=32, num_attention_heads=2, rational_groups=4)
+    assert config.model_type == "kat"
+    assert type(AutoModel.from_config(tiny_config())).__name__ == "KATModel"
+    assert type(AutoModelForImageClassification.from_config(tiny_config())).__name__ == "KATForImageClassification"
+    for name in ("KATConfig", "KATModel", "KATForImageClassification", "GroupRational"):
+        assert name in hf_kan.__all__ and hasattr(hf_kan, name)
+    assert {"kat-tiny", "kat-small", "kat-base"} <= set(hf_kan.available_presets())
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_auto_round_trip_identical_logits(tmp_path, shared):
+    model = KATForImageClassification(tiny_config(rational_shared_numerator=shared)).eval()
+    perturb_rationals(model)
+    x = torch.randn(2, 3, 32, 32)
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").is_file() and (tmp_path / "README.md").is_file()
+    loaded = AutoModelForImageClassification.from_pretrained(tmp_path).eval()
+    assert isinstance(loaded, KATForImageClassification)
+    assert loaded.config.rational_shared_numerator is shared
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x).logits, model(x).logits, rtol=0, atol=0)
+    base = AutoModel.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(base(x).pooler_output, model.kat(x).pooler_output, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    ("preset", "expected"),
+    # published: KAT-T 5,718,328; S 22.1M; B 86.6M (= timm ViT-S 22,050,664 / ViT-B 86,567,656 + 12 x 2 x 38)
+    [("kat-tiny", 5_718_328), ("kat-small", 22_051_576), ("kat-base", 86_568_568)],
+)
+def test_preset_parameter_counts_match_published(preset, expected):
+    config = hf_kan.config_from_preset(preset, num_labels=1000)
+    assert (config.image_size, config.patch_size, config.rational_groups) == (224, 16, 8)
+    with torch.device("meta"):
+        model = KATForImageClassification(config)
+    assert sum(p.numel() for p in model.parameters()) == expected
+
+
+def test_identity_rationals_make_the_mlp_linear():
+    config = tiny_config(rational_1_init="identity", rational_2_init="identity")
+    mlp = KATMLP(config)
+    x = torch.randn(3, 7, 32)
+    torch.testing.assert_close(mlp(x), mlp.fc2(mlp.fc1(x)))
+    layer = KATLayer(config).eval()
+    h = torch.randn(2, 17, 32)
+    attn, _ = layer.attention(layer.norm1(h))
+    h1 = h + attn
+    expected = h1 + layer.mlp.fc2(layer.mlp.fc1(layer.norm2(h1)))
+    torch.testing.assert_close(layer(h), expected)
+
+
+def test_identity_kat_equals_linear_vit():
+    """KAT with identity rationals is Transformers' ViT with a linear MLP activation (independent implementation)."""
+    config = tiny_config(rational_1_init="identity", rational_2_init="identity")
+    kat = KATForImageClassification(config).eval()
+    vit = ViTForImageClassification(
+        ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                  intermediate_size=128, hidden_act="linear", layer_norm_eps=1e-6, qkv_bias=True, num_labels=5)
+    ).eval()
+    sd = kat.state_dict()
+    mapped = {
+        "vit.embeddings.cls_token": sd["kat.embeddings.cls_token"],
+        "vit.embeddings.position_embeddings": sd["kat.embeddings.position_embeddings"],
+        "vit.embeddings.patch_embeddings.projection.weight": sd["kat.embeddings.patch_embeddings.projection.weight"],
+        "vit.embeddings.patch_embeddings.projection.bias": sd["kat.embeddings.patch_embeddings.projection.bias"],
+        "vit.layernorm.weight": sd["kat.layernorm.weight"],
+        "vit.layernorm.bias": sd["kat.layernorm.bias"],
+        "classifier.weight": sd["classifier.weight"],
+        "classifier.bias": sd["classifier.bias"],
+    }
+    vit_keys = set(vit.state_dict())
+    for i in range(2):
+        k, v = f"kat.layers.{i}.", f"vit.layers.{i}."
+        renames = (("norm1", "layernorm_before"), ("norm2", "layernorm_after"),
+                   ("attention.proj", "attention.o_proj"), ("mlp.fc1", "mlp.fc1"), ("mlp.fc2", "mlp.fc2"))
+        for src, dst in renames:
+            for p in ("weight", "bias"):
+                mapped[f"{v}{dst}.{p}"] = sd[f"{k}{src}.{p}"]
+        for p in ("weight", "bias"):
+            q, kk, vv = sd[f"{k}attention.qkv.{p}"].chunk(3, dim=0)
+            mapped[f"{v}attention.q_proj.{p}"], mapped[f"{v}attention.k_proj.{p}"] = q, kk
+            mapped[f"{v}attention.v_proj.{p}"] = vv
+    assert set(mapped) == vit_keys, sorted(vit_keys ^ set(mapped))
+    vit.load_state_dict(mapped)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(kat(x).logits, vit(x).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_sdpa_and_eager_agree_and_switching_works():
+    model = KATForImageClassification(tiny_config()).eval()
+    perturb_rationals(model)
+    assert model.config._attn_implementation == "sdpa"
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        sdpa = model(x).logits
+        model.set_attn_implementation("eager")
+        assert model.config._attn_implementation == "eager"
+        out = model(x, output_attentions=True)
+    torch.testing.assert_close(out.logits, sdpa, rtol=1e-5, atol=1e-5)
+    assert len(out.attentions) == 2 and out.attentions[0].shape == (2, 2, 17, 17)
+    torch.testing.assert_close(out.attentions[0].sum(-1), torch.ones(2, 2, 17))
+
+
+def test_loss_and_hidden_states():
+    model = KATForImageClassification(tiny_config()).eval()
+    x = torch.randn(3, 3, 32, 32)
+    labels = torch.tensor([0, 4, 2])
+    out = model(x, labels=labels, output_hidden_states=True)
+    torch.testing.assert_close(out.loss, F.cross_entropy(out.logits, labels))
+    assert len(out.hidden_states) == 3
+    with torch.no_grad():
+        emb = model.kat.embeddings(x)
+        torch.testing.assert_close(out.hidden_states[0], emb)
+        h = emb
+        for i, layer in enumerate(model.kat.layers):
+            h = layer(h)
+            torch.testing.assert_close(out.hidden_states[i + 1], h)
+        torch.testing.assert_close(out.logits, model.classifier(model.kat.layernorm(h)[:, 0]))
+    out.loss.backward()
+    grads = [p.grad for p in model.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert model.kat.layers[0].mlp.rational_2.weight_denominator.grad.abs().sum() > 0
+
+
+def test_position_embedding_interpolation():
+    model = KATForImageClassification(tiny_config()).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, interpolate_pos_encoding=True).logits, model(x).logits)
+        with pytest.raises(ImageSizeError, match="interpolate_pos_encoding"):
+            model(torch.randn(1, 3, 48, 40))
+        out = model(torch.randn(1, 3, 48, 40), interpolate_pos_encoding=True)
+        assert out.logits.shape == (1, 5)
+        emb = model.kat.embeddings
+        pos = emb.interpolate_pos_encoding(48, 40)
+        grid = emb.position_embeddings[:, 1:].reshape(1, 4, 4, 32).permute(0, 3, 1, 2)
+        manual = F.interpolate(grid, size=(6, 5), mode="bicubic", align_corners=False)
+        torch.testing.assert_close(pos[:, 1:], manual.permute(0, 2, 3, 1).reshape(1, 30, 32))
+        torch.testing.assert_close(pos[:, :1], emb.position_embeddings[:, :1])
+        with pytest.raises(ImageSizeError, match="multiple of the patch size"):
+            model(torch.randn(1, 3, 36, 36), interpolate_pos_encoding=True)
+
+
+def test_init_schemes():
+    vp = KATForImageClassification(tiny_config(init_scheme="variance_preserving", hidden_size=64, rational_groups=8))
+    tn = KATForImageClassification(tiny_config(init_scheme="trunc_normal", hidden_size=64, rational_groups=8))
+    gain_sq = PRESETS["swish"].gain_sq
+    fc1 = torch.cat([layer.mlp.fc1.weight.flatten() for layer in vp.kat.layers])
+    fc2 = torch.cat([layer.mlp.fc2.weight.flatten() for layer in vp.kat.layers])
+    assert fc1.std().item() == pytest.approx((1 / 64) ** 0.5, rel=0.05)  # identity rational in front: gain 1
+    assert fc2.std().item() == pytest.approx((gain_sq / 256) ** 0.5, rel=0.05)  # swish rational in front
+    fc2_tn = torch.cat([layer.mlp.fc2.weight.flatten() for layer in tn.kat.layers])
+    assert fc2_tn.std().item() == pytest.approx(0.02, rel=0.1)
+    for model in (vp, tn):
+        torch.testing.assert_close(model.kat.layers[1].mlp.rational_2.weight_numerator,
+                                   torch.tensor([PRESETS["swish"].numerator]))
+    # the variance-preserving init keeps the MLP output scale close to its input scale
+    x = torch.randn(4096, 64)
+    mlp = vp.kat.layers[0].mlp
+    with torch.no_grad():
+        h = mlp.fc1(mlp.rational_1(x))
+        assert h.var().item() == pytest.approx(1.0, rel=0.15)
+        assert mlp.fc2(mlp.rational_2(h)).var().item() == pytest.approx(1.0, rel=0.2)
+
+
+def test_config_validation_and_backend_plumbing():
+    with pytest.raises(HFKanConfigError, match="num_attention_heads"):
+        tiny_config(num_attention_heads=3)
+    with pytest.raises(HFKanConfigError, match="rational_groups"):
+        tiny_config(rational_groups=5)
+    with pytest.raises(HFKanConfigError, match="rational preset"):
+        tiny_config(rational_2_init="mish")
+    with pytest.raises(HFKanConfigError, match="rational_backend"):
+        tiny_config(rational_backend="cuda-magic")
+    with pytest.raises(HFKanConfigError, match="patch_size"):
+        tiny_config(image_size=30)
+    config = tiny_config(rational_backend="reference", mlp_ratio=2)
+    assert config.intermediate_size == 64
+    model = KATModel(config)
+    assert {m.backend for m in model.modules() if isinstance(m, hf_kan.GroupRational)} == {"reference"}
+    assert model.layers[0].mlp.fc1.out_features == 64
+
+
+def test_drop_path_and_gradient_checkpointing():
+    model = KATForImageClassification(tiny_config(drop_path_rate=0.5)).train()
+    assert model.kat.layers[0].drop_path.drop_prob == 0.0 and model.kat.layers[1].drop_path.drop_prob == 0.5
+    x = torch.randn(2, 3, 32, 32)
+    labels = torch.tensor([1, 3])
+    model.eval()
+    ref = model(x, labels=labels)
+    ref.loss.backward()
+    ref_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    model.activation_checkpointing_enable()
+    out = model(x, labels=labels)
+    out.loss.backward()
+    torch.testing.assert_close(out.loss, ref.loss)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, ref_grads[n], rtol=1e-5, atol=1e-6)
+
+
+def test_image_processor_matches_published_preprocessing(tmp_path):
+    processor = kat_image_processor(224)
+    processor.save_pretrained(tmp_path)
+    loaded = AutoImageProcessor.from_pretrained(tmp_path)
+    assert loaded.crop_pct == 0.875
+    rng = torch.Generator().manual_seed(0)
+    pixels = (torch.rand(300, 400, 3, generator=rng) * 255).to(torch.uint8).numpy()
+    image = Image.fromarray(pixels)
+    out = loaded(image, return_tensors="pt").pixel_values
+    assert out.shape == (1, 3, 224, 224)
+    # timm eval transform: Resize(256, bicubic) on the shorter side, CenterCrop(224), ImageNet mean/std
+    resized = image.resize((341, 256), Image.BICUBIC)
+    left, top = (341 - 224) // 2, (256 - 224) // 2
+    crop = torch.from_numpy(np.array(resized.crop((left, top, left + 224, top + 224)))).float()
+    crop = crop.permute(2, 0, 1) / 255
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+    expected = (crop - mean) / std
+    assert (out[0] - expected).abs().mean() < 0.02  # same transform up to resampler rounding
+    with pytest.raises(HFKanConfigError):
+        kat_image_processor(448)
