@@ -1,0 +1,98 @@
+"""MoH on the language model of tiny LLaVA and Qwen2-VL models (default target modules from the model type)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from peft import PeftModel, get_peft_model
+from transformers import (
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    Qwen2VLConfig,
+    Qwen2VLForConditionalGeneration,
+)
+
+import hf_kan  # noqa: F401  (registers MoH)
+from hf_kan.moh import MoHConfig, MoHLayer
+
+IMAGE, VOCAB = 5, 64
+TEXT = dict(
+    vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+    num_key_value_heads=2, pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
+)
+
+
+def tiny_llava() -> LlavaForConditionalGeneration:
+    vision = CLIPVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=16, patch_size=4,
+        projection_dim=32,
+    )
+    config = LlavaConfig(
+        vision_config=vision, text_config=LlamaConfig(**TEXT), image_token_id=IMAGE, vision_feature_layer=-1,
+        vision_feature_select_strategy="default", tie_word_embeddings=False,
+    )
+    return LlavaForConditionalGeneration(config)
+
+
+def tiny_qwen2_vl() -> Qwen2VLForConditionalGeneration:
+    rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1]}
+    config = Qwen2VLConfig(
+        text_config=dict(**TEXT, rope_parameters=rope),
+        vision_config=dict(depth=1, embed_dim=32, hidden_size=32, num_heads=2, mlp_ratio=2, patch_size=4,
+                           spatial_merge_size=2, temporal_patch_size=2, in_channels=3),
+        image_token_id=IMAGE, video_token_id=6, vision_start_token_id=7, vision_end_token_id=8,
+        tie_word_embeddings=False,
+    )
+    return Qwen2VLForConditionalGeneration(config)
+
+
+def llava_inputs() -> dict:
+    # one image (4 x 4 patches -> 16 image tokens after dropping CLS) between text tokens, batch of 2
+    text = torch.randint(10, VOCAB, (2, 6))
+    ids = torch.cat([text[:, :2], torch.full((2, 16), IMAGE), text[:, 2:]], dim=1)
+    return {"input_ids": ids, "pixel_values": torch.randn(2, 3, 16, 16)}
+
+
+def qwen_inputs() -> dict:
+    return {"input_ids": torch.randint(10, VOCAB, (2, 9))}
+
+
+FAMILIES = {"llava": (tiny_llava, llava_inputs), "qwen2_vl": (tiny_qwen2_vl, qwen_inputs)}
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("router", ["query_norm", "learned"])
+def test_moh_wraps_language_model_only_and_round_trips(tmp_path, family, router):
+    build, make_inputs = FAMILIES[family]
+    torch.manual_seed(0)
+    base = build().eval()
+    reference = copy.deepcopy(base)
+    inputs = make_inputs()
+    expected_base = reference(**inputs).logits
+
+    model = get_peft_model(base, MoHConfig(router=router, router_init_std=0.5))
+    names = [n for n, m in model.named_modules() if isinstance(m, MoHLayer)]
+    assert len(names) == TEXT["num_hidden_layers"]
+    assert all(".language_model.layers." in n and n.endswith("self_attn.o_proj") for n in names)
+
+    out = model(**inputs).logits
+    assert not torch.allclose(out, expected_base, atol=1e-4), "MoH (1 of 4 heads gated off per token) changes logits"
+    with model.disable_adapter():
+        assert torch.equal(model(**inputs).logits, expected_base)
+
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(reference, tmp_path)
+    assert torch.equal(loaded(**inputs).logits, out)
+
+
+def test_all_heads_active_equals_base_on_llava():
+    torch.manual_seed(0)
+    base = tiny_llava().eval()
+    inputs = llava_inputs()
+    expected = copy.deepcopy(base)(**inputs).logits
+    model = get_peft_model(base, MoHConfig(router="query_norm", active_fraction=1.0))
+    assert torch.equal(model(**inputs).logits, expected)
