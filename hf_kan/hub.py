@@ -53,6 +53,7 @@ CARD_INFO_KEYS = (
     "metrics",
     "metrics_dataset",
     "metrics_source",
+    "metrics_source_url",
     "license",
     "tags",
     "training",
@@ -68,7 +69,8 @@ def set_model_card_info(config_or_model: Any, **info: Any) -> dict[str, Any]:
     Keys: ``model_name``; ``base_model`` (a Hub repo id); ``converted_from`` (file or URL of the original
     checkpoint); ``datasets`` (list of dataset names); ``metrics`` (``{name: value}``); ``metrics_dataset``
     (the dataset the metrics were measured on); ``metrics_source`` (who measured them, e.g.
-    ``"reported by the authors"``); ``license``; ``tags`` (extra tags); ``training`` (a free-text sentence).
+    ``"reported by the authors"``) and ``metrics_source_url``; ``license``; ``tags`` (extra tags);
+    ``training`` (a free-text sentence).
     Returns the merged dict. Unknown keys raise :class:`HFKanConfigError`.
     """
     config = getattr(config_or_model, "config", config_or_model)
@@ -160,7 +162,9 @@ def _front_matter(config: PreTrainedConfig, info: dict[str, Any], architecture: 
                 dataset_name=str(info["metrics_dataset"]),
                 metric_type=str(name),
                 metric_value=value,
-                source_name=info.get("metrics_source"),
+                # the Hub schema accepts a source only with its URL
+                source_name=info.get("metrics_source") if info.get("metrics_source_url") else None,
+                source_url=info.get("metrics_source_url"),
             )
             for name, value in metrics.items()
         ]

@@ -202,3 +202,16 @@ def test_hf_layout_and_unreadable_inputs_are_rejected(tmp_path):
     torch.save({"model": {"cls_token": torch.zeros(1)}, "args": object()}, pickled)
     with pytest.raises(ConversionError, match="weights_only"):
         load_timm_state_dict(pickled)
+
+
+def test_published_checkpoints_are_recognised_by_hash_and_shape():
+    from pathlib import Path
+
+    from hf_kan import config_from_preset
+    from hf_kan.models.kat.convert_kat_timm import REPORTED_TOP1, _published_size
+
+    name = "kat_small_patch16_224_32487885cf13d2c14e461c9016fac8ad43f7c769171f132530941e930aeb5fe2.pth"
+    assert _published_size(Path(name), config_from_preset("kat-small", num_labels=1000)) == "kat-small"
+    assert _published_size(Path(name), config_from_preset("kat-small", num_labels=10)) is None  # fine-tuned head
+    assert _published_size(Path("my_kat.pth"), config_from_preset("kat-small", num_labels=1000)) is None
+    assert REPORTED_TOP1 == {"kat-tiny": 74.6, "kat-small": 81.2, "kat-base": 82.3}

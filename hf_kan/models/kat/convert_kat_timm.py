@@ -342,6 +342,7 @@ def convert_kat_checkpoint(
             metrics={"top-1 accuracy (%)": REPORTED_TOP1[published]},
             metrics_dataset="imagenet-1k",
             metrics_source="reported by the authors (arXiv 2409.10594), not re-measured by hf-kan",
+            metrics_source_url="https://arxiv.org/abs/2409.10594",
         )
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
