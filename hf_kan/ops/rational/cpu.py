@@ -112,6 +112,8 @@ def _run(name: str, compile: bool, *args):
     fn = _fused_forward if name == "forward" else _fused_backward
     if not compile:
         return fn(*args)
+    # detach(): a view's ``_base`` would otherwise be guarded on, recompiling for every new leading shape
+    args = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
     try:
         return _compiled_fn(name)(*args)
     except Exception as err:  # Inductor needs a working C++ toolchain; everything else is the same math
