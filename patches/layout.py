@@ -1,5 +1,7 @@
 """TokenLayout: what every position of a multimodal sequence is, computed once per forward.
 
+Layout tensors are never modified in place (several fields may share one tensor); derive new ones instead.
+
 A ``TokenLayout`` is a set of ``(batch, length)`` tensors, one value per sample and position:
 
 - ``modality``: ``TEXT`` (0), ``IMAGE`` (1), ``VIDEO`` (2) or ``PAD`` (3);
@@ -187,6 +189,15 @@ def build_layout(
     """
     b, t = input_ids.shape
     device = input_ids.device
+    if not items:  # text-only forwards (every decode step): a few tensors, shared where read-only
+        if attention_mask is None:
+            modality = torch.full((b, t), TEXT, dtype=torch.int8, device=device)
+        else:
+            modality = torch.where(attention_mask[:, -t:].to(device, torch.bool), TEXT, PAD).to(torch.int8)
+        minus = torch.full((b, t), -1, dtype=torch.long, device=device)
+        position = torch.arange(offset, offset + t, dtype=torch.long, device=device).expand(b, t)
+        newline = torch.zeros((b, t), dtype=torch.bool, device=device)
+        return TokenLayout(modality, position, minus, minus, minus, minus, newline, position)
     modality = torch.full((b, t), TEXT, dtype=torch.int8)
     if attention_mask is not None:
         valid = attention_mask[:, -t:].to("cpu", torch.bool)

@@ -79,7 +79,7 @@ def test_config_round_trip_and_json():
         ({"mma": {"assistant_token_ids": [4], "modalities": ["audio"]}}, "modalities"),
         ({"mma": {"assistant_token_ids": [4], "bogus": 1}}, "unknown option"),
         ({"mma": {}}, "assistant_token_ids"),
-        ({"var": {"p": 0.6}}, "unknown patch"),
+        ({"no_such_patch": {"p": 0.6}}, "unknown patch"),
         ({"version": 99}, "version"),
         ({"mma": [4]}, "dict"),
     ],

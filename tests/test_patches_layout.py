@@ -3,7 +3,7 @@
 import pytest
 import torch
 import vlm_models as V
-from hf_kan.patches import IMAGE, PAD, TEXT, adapter_for
+from hf_kan.patches import IMAGE, PAD, TEXT, VIDEO, adapter_for
 from hf_kan.patches.layout import build_layout
 from hf_kan.patches.template import assistant_opener_ids
 
@@ -125,3 +125,18 @@ def test_assistant_opener_from_chat_template():
     tok.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
     with pytest.raises(HFKanConfigError, match="assistant"):
         assistant_opener_ids(tok)
+
+
+def test_qwen_video_frames():
+    model = V.shared("qwen2_vl")
+    ids = torch.tensor([[V.BOS, 10, V.VSTART] + [V.VIDEO] * 8 + [V.VEND, 11, V.ASSISTANT]])
+    inputs = {"input_ids": ids, "video_grid_thw": torch.tensor([[2, 4, 4]]), "pixel_values_videos": torch.zeros(1)}
+    items = adapter_for(model).visual_items(model, ids, inputs)
+    lay = build_layout(ids, None, items, 0, (V.ASSISTANT,))
+    vid = slice(3, 11)
+    assert lay.modality[0, vid].tolist() == [VIDEO] * 8
+    assert lay.grid[0, vid].tolist() == [0] * 4 + [1] * 4  # temporal index
+    assert lay.row[0, vid].tolist() == [0, 0, 1, 1] * 2 and lay.col[0, vid].tolist() == [0, 1, 0, 1] * 2
+    assert (lay.span_end[0, vid] == 13).all()
+    with pytest.raises(InputLayoutError, match="video"):
+        adapter_for(model).visual_items(model, ids, {**inputs, "video_grid_thw": torch.tensor([[2, 4, 6]])})

@@ -119,3 +119,10 @@ def test_mma_with_derived_opener_and_video_modalities_option():
     inputs = V.make_inputs("llava", [V.standard_prompt(1)])
     with torch.no_grad():
         torch.testing.assert_close(model(**inputs).logits, V.shared("llava")(**inputs).logits, rtol=0, atol=1e-6)
+
+
+def test_mma_beam_search_cached_equals_uncached():
+    model = _set(V.shared("llava", "hf_kan"), MMA)
+    inputs = V.make_inputs("llava", [V.standard_prompt(2), V.standard_prompt(1, before=4)], "left")
+    kw = dict(max_new_tokens=3, do_sample=False, suppress_tokens=V.SUPPRESS, num_beams=3, num_return_sequences=2)
+    assert torch.equal(model.generate(**inputs, **kw), model.generate(**inputs, use_cache=False, **kw))
