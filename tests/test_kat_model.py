@@ -269,3 +269,28 @@ def test_image_processor_matches_published_preprocessing(tmp_path):
     assert (out[0] - expected).abs().mean() < 0.02  # same transform up to resampler rounding
     with pytest.raises(HFKanConfigError):
         kat_image_processor(448)
+
+
+def test_backbone_feature_maps(tmp_path):
+    from transformers import AutoBackbone
+
+    from hf_kan.models.kat import KATBackbone
+
+    config = tiny_config(num_hidden_layers=3)
+    assert config.stage_names == ["stem", "stage1", "stage2", "stage3"] and config.out_features == ["stage3"]
+    assert isinstance(AutoBackbone.from_config(config), KATBackbone)
+    model = KATForImageClassification(config).eval()
+    perturb_rationals(model)
+    model.save_pretrained(tmp_path)
+    # (AutoBackbone.from_pretrained asks the Hub whether the id exists, so local directories load via the class)
+    backbone = KATBackbone.from_pretrained(tmp_path, out_features=["stem", "stage2"]).eval()
+    assert backbone.channels == [32, 32]
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        maps = backbone(x).feature_maps
+        states = model.kat(x, output_hidden_states=True).hidden_states
+    for fmap, state in zip(maps, (states[0], states[2])):
+        expected = model.kat.layernorm(state)[:, 1:].reshape(2, 4, 4, 32).permute(0, 3, 1, 2)
+        torch.testing.assert_close(fmap, expected)
+    with torch.no_grad():
+        assert [m.shape for m in backbone(torch.randn(1, 3, 48, 24)).feature_maps] == [(1, 32, 6, 3)] * 2

@@ -1,7 +1,7 @@
 """KAT: ViT with Group-Rational KAN MLPs, registered with the Transformers Auto classes.
 
-Importing this package registers ``model_type="kat"`` with ``AutoConfig``, ``AutoModel`` and
-``AutoModelForImageClassification`` (idempotent), and the size presets ``"kat-tiny"``,
+Importing this package registers ``model_type="kat"`` with ``AutoConfig``, ``AutoModel``,
+``AutoModelForImageClassification`` and ``AutoBackbone`` (idempotent), and the size presets ``"kat-tiny"``,
 ``"kat-small"`` and ``"kat-base"`` (patch 16, 224 px, as published).
 """
 
@@ -10,15 +10,16 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from transformers import AutoConfig, AutoModel, AutoModelForImageClassification
+from transformers import AutoBackbone, AutoConfig, AutoModel, AutoModelForImageClassification
 
 from ..presets import register_preset
 from .configuration_kat import KATConfig
-from .modeling_kat import KATForImageClassification, KATModel, KATPreTrainedModel
+from .modeling_kat import KATBackbone, KATForImageClassification, KATModel, KATPreTrainedModel
 
 AutoConfig.register(KATConfig.model_type, KATConfig, exist_ok=True)
 AutoModel.register(KATConfig, KATModel, exist_ok=True)
 AutoModelForImageClassification.register(KATConfig, KATForImageClassification, exist_ok=True)
+AutoBackbone.register(KATConfig, KATBackbone, exist_ok=True)
 
 # name -> (hidden_size, num_hidden_layers, num_attention_heads), the published KAT-T/S/B shapes.
 KAT_SIZES: dict[str, tuple[int, int, int]] = {
@@ -51,4 +52,4 @@ def _kat_factory(hidden_size: int, layers: int, heads: int) -> Callable[..., KAT
 for _name, _shape in KAT_SIZES.items():
     register_preset(_name, _kat_factory(*_shape))
 
-__all__ = ["KAT_SIZES", "KATConfig", "KATForImageClassification", "KATModel", "KATPreTrainedModel"]
+__all__ = ["KAT_SIZES", "KATBackbone", "KATConfig", "KATForImageClassification", "KATModel", "KATPreTrainedModel"]

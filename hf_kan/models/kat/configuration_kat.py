@@ -6,6 +6,7 @@ from typing import Literal
 
 from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
+from transformers.backbone_utils import BackboneConfigMixin
 
 from ...errors import HFKanConfigError
 from ...modules.rational_presets import available_rational_presets
@@ -14,7 +15,7 @@ INIT_SCHEMES = ("variance_preserving", "trunc_normal")
 
 
 @strict
-class KATConfig(PreTrainedConfig):
+class KATConfig(BackboneConfigMixin, PreTrainedConfig):
     r"""Configuration of a KAT model: a ViT whose MLPs are two Group-Rational KAN layers.
 
     Each block's MLP is ``rational_1 -> fc1 (D -> I) -> rational_2 -> fc2 (I -> D)``
@@ -46,6 +47,8 @@ class KATConfig(PreTrainedConfig):
             rational that precedes them, the method of the paper) or ``"trunc_normal"`` (every linear layer
             trunc_normal(std=initializer_range), what the authors' released training code ends up doing).
         initializer_range: std of the truncated-normal init of the other weights, tokens and position embedding.
+        out_features / out_indices: stages ``KATBackbone`` returns as feature maps (``"stem"`` is the embedding
+            output, ``"stage{i}"`` the output of block i); defaults to the last block.
     """
 
     model_type = "kat"
@@ -70,10 +73,16 @@ class KATConfig(PreTrainedConfig):
     rational_backend: str = "auto"
     init_scheme: Literal["variance_preserving", "trunc_normal"] = "variance_preserving"
     initializer_range: float = 0.02
+    _out_features: list[str] | None = None
+    _out_indices: list[int] | None = None
 
     def __post_init__(self, **kwargs):
         if self.intermediate_size is None:
             self.intermediate_size = int(self.hidden_size * self.mlp_ratio)
+        self.stage_names = ["stem"] + [f"stage{idx}" for idx in range(1, self.num_hidden_layers + 1)]
+        self.set_output_features_output_indices(
+            out_indices=kwargs.pop("out_indices", None), out_features=kwargs.pop("out_features", None)
+        )
         super().__post_init__(**kwargs)
         self._check()
 

@@ -14,8 +14,9 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 from transformers import initialization as init
+from transformers.backbone_utils import BackboneMixin
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_outputs import BaseModelOutputWithPooling, ImageClassifierOutput
+from transformers.modeling_outputs import BackboneOutput, BaseModelOutputWithPooling, ImageClassifierOutput
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.processing_utils import Unpack
 from transformers.utils import TransformersKwargs, logging
@@ -349,4 +350,43 @@ class KATForImageClassification(KATPreTrainedModel):
         )
 
 
-__all__ = ["KATForImageClassification", "KATModel", "KATPreTrainedModel"]
+class KATBackbone(BackboneMixin, KATPreTrainedModel):
+    """KAT as a feature extractor for ``AutoBackbone`` (detection / segmentation heads).
+
+    Returns, for each stage in ``config.out_features``, the layer-normalised patch tokens reshaped to a feature map
+    ``[B, D, H / patch, W / patch]`` (class token dropped). Any image size that is a multiple of the patch size is
+    accepted (the position embedding is resized bicubically).
+    """
+
+    def __init__(self, config: KATConfig):
+        super().__init__(config)
+        self.num_features = [config.hidden_size] * (config.num_hidden_layers + 1)
+        self.embeddings = KATEmbeddings(config)
+        rates = torch.linspace(0, config.drop_path_rate, config.num_hidden_layers).tolist()
+        self.layers = nn.ModuleList([KATLayer(config, drop_path=rate) for rate in rates])
+        self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.post_init()
+
+    def get_input_embeddings(self) -> KATPatchEmbeddings:
+        return self.embeddings.patch_embeddings
+
+    @can_return_tuple
+    def forward(self, pixel_values: torch.Tensor, **kwargs: Unpack[TransformersKwargs]) -> BackboneOutput:
+        r"""Feature maps of the stages in ``config.out_features`` for ``pixel_values`` ``[B, C, H, W]``."""
+        kwargs.pop("output_hidden_states", None)
+        batch_size, _, height, width = pixel_values.shape
+        hidden_states = self.embeddings(pixel_values.to(self.layernorm.weight.dtype), interpolate_pos_encoding=True)
+        all_states = [hidden_states]
+        for layer in self.layers:
+            hidden_states = layer(hidden_states, None, **kwargs)
+            all_states.append(hidden_states)
+        grid_h, grid_w = height // self.config.patch_size, width // self.config.patch_size
+        feature_maps = tuple(
+            self.layernorm(state)[:, 1:].reshape(batch_size, grid_h, grid_w, -1).permute(0, 3, 1, 2).contiguous()
+            for stage, state in zip(self.stage_names, all_states)
+            if stage in self.out_features
+        )
+        return BackboneOutput(feature_maps=feature_maps, hidden_states=tuple(all_states))
+
+
+__all__ = ["KATBackbone", "KATForImageClassification", "KATModel", "KATPreTrainedModel"]
