@@ -173,7 +173,7 @@ def test_load_balance_loss_matches_hand_computation():
     # 3 routed heads, no shared, top-1, 2-d tokens; W_r x gives the logits below.
     router = LearnedHeadRouter(hidden_size=2, num_heads=3, num_shared=0, top_k=1)
     with torch.no_grad():
-        router.routed.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]]))
+        router.proj.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]]))  # W_r (no shared heads)
     x = torch.tensor([[2.0, 0.0], [0.0, 1.0], [1.0, 3.0], [-1.0, -1.0]])
     _, aux = router(x)
     logits = [[2.0, 0.0, 0.0], [0.0, 1.0, 0.0], [1.0, 3.0, 0.0], [-1.0, -1.0, 0.0]]
@@ -199,8 +199,11 @@ def test_aux_loss_is_weighted_sum_over_layers_and_reaches_router(ids):
     assert torch.equal(total, model.base_model.moh_aux_loss())
     total.backward()
     for layer in layers:
-        grad = layer.moh_router["default"].routed.weight.grad
-        assert grad is not None and grad.abs().sum() > 0
+        router = layer.moh_router["default"]
+        grad = router.proj.weight.grad
+        assert grad is not None and grad[: router.num_routed].abs().sum() > 0  # W_r rows
+    # the last layer's L_b depends on its W_r only (earlier layers' W_s, W_h reach later L_b through the hidden state)
+    assert grad[router.num_routed :].abs().sum() == 0
     # eval forwards record nothing (and clear the previous record)
     model.eval()
     model(ids)

@@ -44,28 +44,30 @@ class LearnedHeadRouter(nn.Module):
     def __init__(self, hidden_size: int, num_heads: int, num_shared: int, top_k: int, init_std: float = 0.0) -> None:
         super().__init__()
         self.num_heads, self.num_shared, self.top_k = num_heads, num_shared, top_k
-        num_routed = num_heads - num_shared
-        self.routed = nn.Linear(hidden_size, num_routed, bias=False) if num_routed > 0 else None  # W_r
-        self.shared = nn.Linear(hidden_size, num_shared, bias=False) if num_shared > 0 else None  # W_s
-        self.mix = nn.Linear(hidden_size, 2, bias=False) if num_shared > 0 and num_routed > 0 else None  # W_h
+        self.num_routed = num_heads - num_shared
+        self.num_mix = 2 if num_shared > 0 and self.num_routed > 0 else 0
+        # One projection for the three routers (one matmul per forward); rows: [W_r (E) | W_s (h_s) | W_h (2)].
+        self.proj = nn.Linear(hidden_size, self.num_routed + num_shared + self.num_mix, bias=False)
         self.init_std = init_std
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        for lin in (self.routed, self.shared, self.mix):
-            if lin is not None:
-                nn.init.normal_(lin.weight, std=self.init_std) if self.init_std > 0 else nn.init.zeros_(lin.weight)
+        if self.init_std > 0:
+            nn.init.normal_(self.proj.weight, std=self.init_std)
+        else:
+            nn.init.zeros_(self.proj.weight)
 
     def forward(self, x: torch.Tensor, query: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """x: [N, hidden] token representations. Returns gates [N, H] and L_b (None without routed heads)."""
-        x = x.to(next(self.parameters()).dtype)
+        logits = self.proj(x.to(self.proj.weight.dtype)).float()
+        routed_logits, shared_logits, mix_logits = logits.split([self.num_routed, self.num_shared, self.num_mix], -1)
         parts, aux = [], None
-        alpha = 2.0 * F.softmax(self.mix(x).float(), dim=-1) if self.mix is not None else None
-        if self.shared is not None:
-            g_shared = self.num_shared * F.softmax(self.shared(x).float(), dim=-1)
+        alpha = 2.0 * F.softmax(mix_logits, dim=-1) if self.num_mix else None
+        if self.num_shared:
+            g_shared = self.num_shared * F.softmax(shared_logits, dim=-1)
             parts.append(g_shared * alpha[:, :1] if alpha is not None else g_shared)
-        if self.routed is not None:
-            probs = F.softmax(self.routed(x).float(), dim=-1)
+        if self.num_routed:
+            probs = F.softmax(routed_logits, dim=-1)
             mask = topk_mask(probs.detach(), self.top_k)
             kept = probs * mask
             g_routed = self.top_k * kept / kept.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(kept.dtype).eps)
