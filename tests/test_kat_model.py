@@ -294,3 +294,19 @@ def test_backbone_feature_maps(tmp_path):
         torch.testing.assert_close(fmap, expected)
     with torch.no_grad():
         assert [m.shape for m in backbone(torch.randn(1, 3, 48, 24)).feature_maps] == [(1, 32, 6, 3)] * 2
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_loading_keeps_rationals_fp32(tmp_path, dtype):
+    model = KATForImageClassification(tiny_config()).eval()
+    perturb_rationals(model)
+    model.save_pretrained(tmp_path)
+    half = KATForImageClassification.from_pretrained(tmp_path, dtype=dtype).eval()
+    mlp = half.kat.layers[0].mlp
+    assert mlp.fc1.weight.dtype == dtype
+    assert mlp.rational_1.weight_numerator.dtype == mlp.rational_2.weight_denominator.dtype == torch.float32
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        out = half(x.to(dtype)).logits
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.float(), model(x).logits.detach(), rtol=0, atol=0.05)

@@ -249,6 +249,9 @@ class KATPreTrainedModel(ModelCardMixin, PreTrainedModel):
     input_modalities = ("image",)
     supports_gradient_checkpointing = True
     _no_split_modules = ["KATEmbeddings", "KATLayer"]
+    # rational coefficients span ~4 orders of magnitude (a_5 ~ 1e-4 next to a_1 ~ 1): keep them fp32 when a
+    # checkpoint is loaded in fp16/bf16 (the rational backends compute in fp32 whatever the input dtype)
+    _keep_in_fp32_modules_strict = ["rational_1", "rational_2"]
     _supports_sdpa = True
     _supports_flash_attn = True
     _supports_flex_attn = True
