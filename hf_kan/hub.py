@@ -93,11 +93,13 @@ def load_template(model_type: str) -> str:
 
 
 def _own_config_fields(config: PreTrainedConfig) -> list[tuple[str, Any]]:
-    """The fields the config class itself declares (not the ones every PreTrainedConfig has)."""
+    """The fields the config class (and its PreTrainedConfig subclasses) declares, not the ones every config has."""
     base = {f.name for f in dataclasses.fields(PreTrainedConfig)}
-    rows = []
+    rows: list[tuple[str, Any]] = []
     for cls in reversed(type(config).__mro__):
-        for name in getattr(cls, "__annotations__", {}):
+        if not (isinstance(cls, type) and issubclass(cls, PreTrainedConfig)) or cls is PreTrainedConfig:
+            continue
+        for name in cls.__dict__.get("__annotations__", {}):
             if name in base or name.startswith("_") or name in _SKIP_CONFIG_FIELDS or not hasattr(config, name):
                 continue
             if name not in (r[0] for r in rows):

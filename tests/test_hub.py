@@ -41,6 +41,7 @@ def test_kat_card_front_matter_and_body():
     assert f"{sum(p.numel() for p in model.parameters()):,} parameters" in body
     assert "`kat_tiny.pth`" in body and "| accuracy | 0.97 | digits |" in body
     assert "| `rational_groups` | `4` |" in body and "| `num_labels` | `3` |" in body
+    assert "base_config_key" not in body and "base_model_tp_plan" not in body  # only the family's own fields
     assert "${" not in body  # every placeholder was filled
 
 

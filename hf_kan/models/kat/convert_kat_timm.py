@@ -339,9 +339,9 @@ def convert_kat_checkpoint(
     if published:
         set_model_card_info(
             model,
-            metrics={"top-1 accuracy (%)": REPORTED_TOP1[published]},
+            metrics={"accuracy": REPORTED_TOP1[published]},
             metrics_dataset="imagenet-1k",
-            metrics_source="reported by the authors (arXiv 2409.10594), not re-measured by hf-kan",
+            metrics_source="top-1 (%) reported by the authors (arXiv 2409.10594), not re-measured by hf-kan",
             metrics_source_url="https://arxiv.org/abs/2409.10594",
         )
     out_dir = Path(out_dir)
