@@ -12,7 +12,7 @@ from peft.tuners.lora import LoraLayer
 from peft.utils import PeftType
 from transformers import LlamaConfig, LlamaForCausalLM
 
-import hf_kan  # noqa: F401  (registers MoH)
+import hf_kan  # registers MoH
 from hf_kan.errors import HFKanConfigError, UnsupportedModelError
 from hf_kan.moh import (
     LearnedHeadRouter,
@@ -291,3 +291,27 @@ def test_config_errors_are_actionable():
         get_peft_model(tiny_llama(heads=4, kv_heads=2), MoHConfig(num_shared_heads=5))
     with pytest.raises(UnsupportedModelError, match="query_module"):
         get_peft_model(tiny_llama(heads=4, kv_heads=2), MoHConfig(query_module="wq"))
+
+
+def test_gradient_checkpointing_gives_same_gradients(ids):
+    base = tiny_llama()
+    plain = get_peft_model(fresh_copy(base), MoHConfig(router="learned", router_init_std=0.3))
+    ckpt = get_peft_model(fresh_copy(base), MoHConfig(router="learned", router_init_std=0.3))
+    ckpt.load_state_dict(plain.state_dict())
+    ckpt.base_model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    grads = []
+    for model in (plain, ckpt):
+        model.train()
+        (model(ids, labels=ids, use_cache=False).loss + moh_aux_loss(model)).backward()
+        grads.append([p.grad for p in model.parameters() if p.requires_grad])
+    assert grads[0] and all(g.abs().sum() > 0 for g in grads[0])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
+
+
+def test_public_api():
+    import hf_kan.moh as moh
+
+    assert hf_kan.MoHConfig is MoHConfig and hf_kan.moh_aux_loss is moh.moh_aux_loss
+    for name in moh.__all__:
+        assert getattr(moh, name) is not None

@@ -96,3 +96,21 @@ def test_all_heads_active_equals_base_on_llava():
     expected = copy.deepcopy(base)(**inputs).logits
     model = get_peft_model(base, MoHConfig(router="query_norm", active_fraction=1.0))
     assert torch.equal(model(**inputs).logits, expected)
+
+
+def test_moh_composes_with_hf_kan_attention_implementation():
+    torch.manual_seed(0)
+    sdpa = tiny_llava().eval()
+    hf_kan_attn = copy.deepcopy(sdpa)
+    hf_kan_attn.set_attn_implementation({"text_config": "hf_kan", "vision_config": "sdpa"})
+    inputs = llava_inputs()
+    outs = []
+    for base in (sdpa, hf_kan_attn):
+        model = get_peft_model(base, MoHConfig(router="learned", router_init_std=0.5))
+        torch.manual_seed(1)
+        with torch.no_grad():
+            for layer in (m for m in model.modules() if isinstance(m, MoHLayer)):
+                layer.moh_router["default"].proj.weight.normal_(std=0.5)
+        outs.append(model(**inputs).logits)
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-4, atol=1e-4)
+
