@@ -279,3 +279,19 @@ def test_explicit_attention_equals_sdpa_with_chunks():
     ref = sdpa_compute(Mod(), q, k, v, mask, 0.35, 0.0, False)
     out = explicit_attention(Mod(), q, k, v, mask, 0.35, transform=None, chunk_size=8)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_without_hooks_hf_kan_equals_sdpa_through_the_mask_interface():
+    """A model loaded with attn_implementation="hf_kan" everywhere (CLIP tower too) and no patches, never given the
+    hooks: the registered mask builder keeps padding, so a padded batch still equals sdpa."""
+    model = V.build("llava", "hf_kan")
+    assert model.config.vision_config._attn_implementation == "hf_kan"
+    inputs = V.make_inputs("llava", PROMPTS, "left")
+    with torch.no_grad():
+        out = model(**inputs).logits
+        ref = V.shared("llava")(**inputs).logits
+        P.apply(model)
+        positional = model(inputs["input_ids"], inputs["pixel_values"], attention_mask=inputs["attention_mask"]).logits
+    valid = inputs["attention_mask"].bool()
+    torch.testing.assert_close(out[valid], ref[valid], rtol=0, atol=1e-6)
+    torch.testing.assert_close(positional[valid], ref[valid], rtol=0, atol=1e-6)
