@@ -114,3 +114,48 @@ def test_moh_composes_with_hf_kan_attention_implementation():
         outs.append(model(**inputs).logits)
     torch.testing.assert_close(outs[0], outs[1], rtol=1e-4, atol=1e-4)
 
+
+
+def _tiny_text_and_vlm_models():
+    from transformers import (
+        LlavaNextConfig,
+        LlavaNextForConditionalGeneration,
+        MistralConfig,
+        MistralForCausalLM,
+        Qwen2_5_VLConfig,
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+    )
+
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=16,
+                  patch_size=4, projection_dim=32)
+    rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1]}
+    return {
+        "mistral": lambda: MistralForCausalLM(MistralConfig(**TEXT)),
+        "qwen2": lambda: Qwen2ForCausalLM(Qwen2Config(**TEXT)),
+        "llava_next": lambda: LlavaNextForConditionalGeneration(LlavaNextConfig(
+            vision_config=CLIPVisionConfig(**vision), text_config=LlamaConfig(**TEXT), image_token_id=IMAGE,
+            image_grid_pinpoints=[[16, 32]], tie_word_embeddings=False)),
+        "qwen2_5_vl": lambda: Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(
+            text_config=dict(**TEXT, rope_parameters=rope),
+            vision_config=dict(depth=1, hidden_size=32, out_hidden_size=32, intermediate_size=64, num_heads=2,
+                               patch_size=4, spatial_merge_size=2, temporal_patch_size=2, in_channels=3),
+            image_token_id=IMAGE, video_token_id=6, vision_start_token_id=7, vision_end_token_id=8,
+            tie_word_embeddings=False)),
+    }
+
+
+@pytest.mark.parametrize("model_type", ["mistral", "qwen2", "llava_next", "qwen2_5_vl"])
+def test_default_targets_for_other_model_types(model_type):
+    torch.manual_seed(0)
+    base = _tiny_text_and_vlm_models()[model_type]().eval()
+    assert base.config.model_type == model_type
+    ids = torch.randint(10, VOCAB, (2, 7))
+    expected = copy.deepcopy(base)(input_ids=ids).logits
+    model = get_peft_model(base, MoHConfig(router="query_norm"))
+    names = [n for n, m in model.named_modules() if isinstance(m, MoHLayer)]
+    assert len(names) == TEXT["num_hidden_layers"] and all(n.endswith("self_attn.o_proj") for n in names)
+    assert not torch.allclose(model(input_ids=ids).logits, expected, atol=1e-4)
+    with model.disable_adapter():
+        assert torch.equal(model(input_ids=ids).logits, expected)

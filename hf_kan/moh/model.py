@@ -28,8 +28,6 @@ TRANSFORMERS_MODELS_TO_MOH_TARGET_MODULES_MAPPING: dict[str, list[str]] = {
         "qwen2_5_vl_text",
         "llava",
         "llava_next",
-        "llava_next_video",
-        "llava_onevision",
     )
 }
 
