@@ -15,6 +15,8 @@ from .families import ADAPTERS, adapter_for
 from .layout import IMAGE, PAD, TEXT, VIDEO, TokenLayout
 from .runtime import PatchRuntime
 from .state import ForwardState
+from .var_calibrate import find_sink_dims, sink_dim_scores
+from .var_config import VARConfig
 
 backend.register()
 
@@ -31,9 +33,12 @@ __all__ = [
     "PatchConfig",
     "PatchRuntime",
     "TokenLayout",
+    "VARConfig",
     "adapter_for",
     "apply",
     "detach",
+    "find_sink_dims",
     "from_pretrained",
+    "sink_dim_scores",
     "status",
 ]

@@ -12,6 +12,8 @@ from .config import CONFIG_ATTRIBUTE, MMAConfig, PatchConfig, _parse_sub
 from .families import adapter_for
 from .hooks import LayerHooks, ModelHook, check_implementation, is_flash
 from .template import assistant_opener_ids
+from .var import resolve_var
+from .var_config import VARConfig
 
 _HANDLES = "_hf_kan_hook_handles"
 
@@ -48,14 +50,15 @@ def _resolve_mma(value, current: MMAConfig | None, template_source, vocab_size: 
     return cfg
 
 
-def apply(model: nn.Module, *, mma: bool | dict | MMAConfig | None = None, processor: Any = None,
-          tokenizer: Any = None) -> PatchConfig:
+def apply(model: nn.Module, *, mma: bool | dict | MMAConfig | None = None, var: bool | dict | VARConfig | None = None,
+          processor: Any = None, tokenizer: Any = None) -> PatchConfig:
     """Apply or change hf_kan patches on a loaded model; returns the resulting ``PatchConfig``.
 
     Each patch argument is ``None`` (leave as configured), ``False`` (off), ``True`` (on with defaults), a dict of
     options or a config dataclass. ``processor`` / ``tokenizer`` supply the chat template from which MMA's
-    assistant-turn opener is derived. The text model's attention is switched to ``"hf_kan"`` (the vision tower is left
-    as it is), the config is stored JSON-serialisably as ``config.text_config.hf_kan`` (saved by
+    assistant-turn opener is derived; VAR without ``sink_dims`` finds them with ``find_sink_dims(model)`` (one
+    first-token forward) and stores its default layers explicitly. The text model's attention is switched to
+    ``"hf_kan"`` (the vision tower is left as it is), the config is stored JSON-serialisably as ``config.text_config.hf_kan`` (saved by
     ``save_pretrained``), and the model and decoder-layer hooks are attached once. Calling ``apply(model)`` with no
     arguments after ``from_pretrained`` re-attaches the hooks for the saved configuration.
     """
@@ -70,6 +73,7 @@ def apply(model: nn.Module, *, mma: bool | dict | MMAConfig | None = None, proce
     current = PatchConfig.from_dict(getattr(text_config, CONFIG_ATTRIBUTE, None))
     config = current.replace(mma=_resolve_mma(mma, current.mma, processor or tokenizer,
                                               getattr(text_config, "vocab_size", None)))
+    config = config.replace(var=resolve_var(var, current.var, model, len(adapter.decoder_layers(model))))
     impl = text_config._attn_implementation
     if is_flash(impl):
         check_implementation(config, impl)

@@ -30,6 +30,9 @@ class KVLedger:
         self.num_layers = num_layers
         self.tokens: TokenLayout | None = None
         self.held: list[torch.Tensor | None] = [None] * num_layers
+        # Per-token data of patches, indexed by original position: name -> (B, N, ...) tensor with N <= seen (VAR's
+        # sink flags). Kept in step with beam reordering, batch selection and crop.
+        self.token_data: dict[str, torch.Tensor] = {}
 
     @property
     def seen(self) -> int:
@@ -81,6 +84,7 @@ class KVLedger:
         if self.tokens is not None:
             self.tokens = self.tokens._map(fn)
         self.held = [None if h is None else fn(h) for h in self.held]
+        self.token_data = {k: fn(v) for k, v in self.token_data.items()}
 
     def select_batch(self, index: torch.Tensor) -> None:
         self._batch_map(lambda t: t.index_select(0, index.to(t.device)))
@@ -95,6 +99,7 @@ class KVLedger:
         keep = self.seen - tokens_to_remove
         self.tokens = self.tokens.narrow(0, keep) if keep > 0 else None
         self.held = [None if h is None else h[:, : h.shape[1] - tokens_to_remove] for h in self.held]
+        self.token_data = {k: v[:, :keep] for k, v in self.token_data.items()}
 
 
 class HFKanCache(DynamicCache):

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import HFKanConfigError
+from .var_config import VARConfig
 
 CONFIG_ATTRIBUTE = "hf_kan"
 FORMAT_VERSION = 1
@@ -57,7 +58,7 @@ class MMAConfig:
         return {"assistant_token_ids": list(self.assistant_token_ids), "modalities": list(self.modalities)}
 
 
-_PATCH_CLASSES: dict[str, type] = {"mma": MMAConfig}
+_PATCH_CLASSES: dict[str, type] = {"mma": MMAConfig, "var": VARConfig}
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,7 @@ class PatchConfig:
     """All patches of one model. A field set to ``None`` is off; every patch off behaves exactly like ``sdpa``."""
 
     mma: MMAConfig | None = None
+    var: VARConfig | None = None
 
     @property
     def active(self) -> tuple[str, ...]:

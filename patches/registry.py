@@ -7,8 +7,9 @@ from __future__ import annotations
 from .config import PatchConfig
 from .mma import MMARuntime
 from .runtime import PatchRuntime
+from .var import VARRuntime
 
-RUNTIMES: dict[str, type[PatchRuntime]] = {"mma": MMARuntime}
+RUNTIMES: dict[str, type[PatchRuntime]] = {"mma": MMARuntime, "var": VARRuntime}
 
 
 def runtimes_for(config: PatchConfig) -> list[PatchRuntime]:
