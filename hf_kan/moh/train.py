@@ -51,6 +51,7 @@ class MoHTuneArguments:
 
     output_dir: str = field(default="moh-output", metadata={"help": "where the adapter and metrics are written"})
     model: str | None = field(default=None, metadata={"help": "causal-LM directory / Hub id; default: tiny Llama"})
+    tokenizer: str | None = field(default=None, metadata={"help": "tokenizer directory / Hub id; default: --model"})
     dataset: str | None = field(default=None, metadata={"help": "datasets name (e.g. 'text'); default: corpus"})
     dataset_config: str | None = field(default=None, metadata={"help": "datasets config name"})
     data_files: str | None = field(default=None, metadata={"help": "data files for --dataset text/json/csv"})
@@ -177,7 +178,7 @@ def run_moh_tuning(args: MoHTuneArguments) -> dict[str, Any]:
         tokenizer = build_word_tokenizer(texts)
         base = build_tiny_llama(args, tokenizer)
     else:
-        tokenizer = AutoTokenizer.from_pretrained(args.model)
+        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
         base = AutoModelForCausalLM.from_pretrained(args.model)
     blocks = make_blocks(texts, tokenizer, args.seq_len)
     if args.model is None and accelerator.is_main_process:
