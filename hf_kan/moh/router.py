@@ -58,7 +58,7 @@ class LearnedHeadRouter(nn.Module):
             nn.init.zeros_(self.proj.weight)
 
     def forward(self, x: torch.Tensor, query: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """x: [N, hidden] token representations. Returns gates [N, H] and L_b (None without routed heads)."""
+        """x: [N, hidden] token representations. Returns gates [N, H] and L_b (None in eval or without routed heads)."""
         logits = self.proj(x.to(self.proj.weight.dtype)).float()
         routed_logits, shared_logits, mix_logits = logits.split([self.num_routed, self.num_shared, self.num_mix], -1)
         parts, aux = [], None
@@ -72,7 +72,8 @@ class LearnedHeadRouter(nn.Module):
             kept = probs * mask
             g_routed = self.top_k * kept / kept.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(kept.dtype).eps)
             parts.append(g_routed * alpha[:, 1:] if alpha is not None else g_routed)
-            aux = load_balance_loss(probs, mask)
+            if self.training:  # the loss is only needed (and only recorded) in training
+                aux = load_balance_loss(probs, mask)
         return torch.cat(parts, dim=-1), aux
 
 
