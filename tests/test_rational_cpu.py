@@ -137,3 +137,22 @@ def test_auto_dispatch_on_cpu_uses_the_fused_path(monkeypatch):
     x = torch.randn(3, 4, 16)
     out = group_rational(x, torch.randn(1, 6), torch.randn(4, 4), backend="auto")
     assert calls == [torch.Size([12, 16])] and out.shape == x.shape
+
+
+def test_large_uncompiled_inputs_use_the_reference(monkeypatch):
+    """Without compilation the reference's autograd is the faster eager choice for big tensors: it is used there."""
+    monkeypatch.setenv(rc.COMPILE_ENV_VAR, "0")
+    calls = []
+    original = rc.RationalCPUFunction.forward
+
+    def spy(ctx, *args):
+        calls.append(args[0].shape)
+        return original(ctx, *args)
+
+    monkeypatch.setattr(rc.RationalCPUFunction, "forward", staticmethod(spy))
+    num, den = torch.randn(1, 6), torch.randn(8, 4)
+    big = torch.randn(rc.COMPILE_MIN_NUMEL // 64, 64)
+    torch.testing.assert_close(rc.rational_cpu(big, num, den), rational_reference(big, num, den))
+    assert calls == []
+    rc.rational_cpu(big[:10], num, den)
+    assert calls == [torch.Size([10, 64])]

@@ -12,6 +12,8 @@ size, sequence length or channel count never recompiles; only a new input dtype 
 fresh environment takes tens of seconds on a small machine (Inductor caches it on disk, later processes pay a few
 seconds); smaller tensors - tests, tiny models - use the same formulation eagerly and never compile. Set
 ``HF_KAN_RATIONAL_CPU_COMPILE=0`` to never compile (e.g. without a C++ compiler), ``=1`` to always compile.
+Large tensors that are not compiled (compilation disabled or failed) go through autograd of the reference, which is
+faster than the uncompiled fused formulation there (it keeps intermediates instead of recomputing them).
 Inside a ``torch.compile``'d model the eager formulation is traced into the caller's graph.
 
 Compute precision: fp32 for fp16/bf16/fp32 inputs, fp64 for fp64 inputs (so ``gradcheck`` works); outputs in the
@@ -26,7 +28,7 @@ import threading
 
 import torch
 
-from .reference import NUMERATOR_TERMS, check_rational_shapes
+from .reference import NUMERATOR_TERMS, check_rational_shapes, rational_reference
 
 COMPILE_ENV_VAR = "HF_KAN_RATIONAL_CPU_COMPILE"
 COMPILE_MIN_NUMEL = 1 << 16
@@ -197,6 +199,10 @@ def rational_cpu(
                 f"got channel_dim={channel_dim} for shape {tuple(x.shape)}"
             )
         return rational_cpu(x.movedim(1, -1), numerator, denominator, compile=compile).movedim(-1, 1)
+    if x.numel() >= COMPILE_MIN_NUMEL and not _should_compile(x, compile):
+        # Uncompiled, the recompute-based formulation makes more passes over memory than autograd through the
+        # reference (which keeps its intermediates): on large tensors the reference is the faster eager choice.
+        return rational_reference(x, numerator, denominator)
     shape = x.shape
     out = RationalCPUFunction.apply(x.reshape(-1, shape[-1]), numerator, denominator, compile)
     return out.view(shape)
