@@ -310,3 +310,16 @@ def test_half_precision_loading_keeps_rationals_fp32(tmp_path, dtype):
         out = half(x.to(dtype)).logits
     assert out.dtype == dtype
     torch.testing.assert_close(out.float(), model(x).logits.detach(), rtol=0, atol=0.05)
+
+
+def test_public_api_of_the_kat_package():
+    import hf_kan.models.kat as kat_pkg
+    from hf_kan.models.kat import configuration_kat, convert_kat_timm, modeling_kat
+
+    assert sorted(kat_pkg.__all__) == sorted([
+        "KAT_SIZES", "KATBackbone", "KATConfig", "KATForImageClassification", "KATModel", "KATPreTrainedModel",
+        "kat_image_processor",
+    ])
+    for module in (kat_pkg, configuration_kat, modeling_kat, convert_kat_timm):
+        for name in module.__all__:
+            assert getattr(module, name) is not None, f"{module.__name__}.{name}"

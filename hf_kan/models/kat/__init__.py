@@ -14,6 +14,7 @@ from transformers import AutoBackbone, AutoConfig, AutoModel, AutoModelForImageC
 
 from ..presets import register_preset
 from .configuration_kat import KATConfig
+from .image_processing_kat import kat_image_processor
 from .modeling_kat import KATBackbone, KATForImageClassification, KATModel, KATPreTrainedModel
 
 AutoConfig.register(KATConfig.model_type, KATConfig, exist_ok=True)
@@ -52,4 +53,12 @@ def _kat_factory(hidden_size: int, layers: int, heads: int) -> Callable[..., KAT
 for _name, _shape in KAT_SIZES.items():
     register_preset(_name, _kat_factory(*_shape))
 
-__all__ = ["KAT_SIZES", "KATBackbone", "KATConfig", "KATForImageClassification", "KATModel", "KATPreTrainedModel"]
+__all__ = [
+    "KAT_SIZES",
+    "KATBackbone",
+    "KATConfig",
+    "KATForImageClassification",
+    "KATModel",
+    "KATPreTrainedModel",
+    "kat_image_processor",
+]
