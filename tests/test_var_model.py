@@ -6,6 +6,8 @@ every layer; with tau = 1.5 some image tokens are sinks too (hidden size 32 caps
 paper's tau = 20 is unreachable here).
 """
 
+import inspect
+
 import pytest
 import torch
 import vlm_models as V
@@ -136,25 +138,26 @@ def test_padded_batch_equals_each_sample_alone(family, side):
 
 
 class _HideKeys(PatchRuntime):
-    """Test runtime: hides the given original positions (per sample) from the keys of one layer."""
+    """Test runtime: hides the given original positions (per sample) from the keys of the given layers (a query
+    still sees its own key, so no row is empty)."""
 
     name = "hide"
     layer_dependent_mask = True
 
-    def __init__(self, layer, positions):
+    def __init__(self, layers, positions):
         super().__init__(None)
-        self.layer, self.positions = layer, positions
+        self.layers, self.positions = set(layers), positions
 
     def changes_mask(self, state):
         return True
 
     def mask_rule(self, state, layer_idx, q, k, allowed):
-        if layer_idx != self.layer:
+        if layer_idx not in self.layers:
             return allowed
         hidden = torch.zeros_like(allowed[:, 0])
         for b, pos in enumerate(self.positions):
-            hidden[b] = torch.isin(k.position[b], torch.tensor(pos))
-        return allowed & ~hidden[:, None]
+            hidden[b] = torch.isin(k.position[b], torch.tensor(pos, dtype=torch.long))
+        return allowed & ~(hidden[:, None] & (k.position[:, None, :] != q.position[:, :, None]))
 
 
 def test_var_layer_holding_a_subset_of_positions_decodes_correctly():
@@ -193,7 +196,7 @@ def test_var_layer_holding_a_subset_of_positions_decodes_correctly():
         full_cache, unmasked_cache = model(**inputs).cache, model(**inputs).cache
         unmasked = model(cache=unmasked_cache, **step_kw).logits[:, -1]
     hook = model.register_forward_pre_hook(
-        lambda mod, args, kwargs: kwargs["hf_kan_state"].add_runtime(_HideKeys(2, dropped)), with_kwargs=True)
+        lambda mod, args, kwargs: kwargs["hf_kan_state"].add_runtime(_HideKeys([2], dropped)), with_kwargs=True)
     try:
         with torch.no_grad():
             expected = model(cache=full_cache, **step_kw).logits[:, -1]
@@ -201,6 +204,37 @@ def test_var_layer_holding_a_subset_of_positions_decodes_correctly():
         hook.remove()
     torch.testing.assert_close(step, expected, rtol=1e-5, atol=1e-5)
     assert (unmasked - expected).abs().max() > 1e-4 and sinks_dropped  # the dropped keys (sinks among them) mattered
+
+
+@pytest.mark.skipif("prune" not in inspect.signature(P.apply).parameters, reason="token pruning not wired in yet")
+@pytest.mark.parametrize("family", V.FAMILIES)
+def test_var_mma_and_pruning_decode_correctly(family):
+    """VAR + MMA + FastV-style pruning at layer 2 (keep 50%): every cached decode step equals one full forward over
+    the final sequence with VAR + MMA and the pruned positions hidden from the keys of layers >= 2."""
+    model = var_model(family)
+    P.apply(model, mma=MMA, prune={"layers": [2], "keep_ratios": [0.5]})
+    inputs = V.make_inputs(family, [V.standard_prompt(2), V.standard_prompt(1, before=4)], "left")
+    try:
+        with record_var(model) as trace:
+            cached = model.generate(**inputs, max_new_tokens=4, **GEN)
+        assert n_selected(trace, 2) > 0 and n_selected(trace, 3) > 0
+        prompt = inputs["input_ids"].shape[1]
+        held = cached.cache.ledger.held
+        assert held[1] is None and held[2] is not None and held[2].shape[1] < cached.sequences.shape[1] - 1
+        dropped = [sorted(set(range(prompt)) - set(held[2][b].tolist())) for b in range(2)]
+        assert all(any(inputs["input_ids"][b, p] == V.IMAGE for p in dropped[b]) for b in range(2))
+        P.apply(model, prune=False)
+        hook = model.register_forward_pre_hook(
+            lambda mod, args, kwargs: kwargs["hf_kan_state"].add_runtime(_HideKeys([2, 3], dropped)),
+            with_kwargs=True)
+        try:
+            full = _full_forward_logits(model, inputs, cached.sequences)
+        finally:
+            hook.remove()
+    finally:
+        P.apply(model, mma=False, prune=False)
+    for k, step_logits in enumerate(cached.logits):
+        torch.testing.assert_close(full[:, prompt - 1 + k], step_logits, rtol=1e-5, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------------- sink dims, apply, save
