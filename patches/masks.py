@@ -25,13 +25,17 @@ def base_mask(q: TokenLayout, k: TokenLayout) -> torch.Tensor:
 
 
 def causal_is_trivial(q: TokenLayout, k: TokenLayout) -> bool:
-    """Whether ``base_mask`` equals plain causal attention aligned at the end (no padding, keys ``0..S-1`` in order,
-    queries the last ``T`` of them), so SDPA can run without a mask."""
+    """Whether ``base_mask`` equals plain causal attention aligned at the end, so SDPA can run without a mask: no
+    padding or empty key slots, key positions strictly increasing (``0..S-1``, or the kept subset of a pruned layer)
+    and the queries exactly the last ``T`` keys, with ``T == S`` or ``T == 1`` (SDPA's ``is_causal`` aligns the
+    triangle top-left, which is wrong for ``1 < T < S``)."""
     s, t = k.length, q.length
-    if t > s:
+    if t not in (1, s) or not bool(k.valid.all()):
         return False
-    ar = torch.arange(s, device=k.position.device)
-    return bool(k.valid.all()) and bool((k.position == ar).all()) and bool((q.position == ar[s - t:]).all())
+    kp = k.position
+    if s > 1 and not bool((kp[:, 1:] > kp[:, :-1]).all()):
+        return False
+    return bool((q.position == kp[:, s - t:]).all())
 
 
 __all__ = ["base_mask", "causal_is_trivial"]

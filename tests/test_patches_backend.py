@@ -295,3 +295,19 @@ def test_without_hooks_hf_kan_equals_sdpa_through_the_mask_interface():
     valid = inputs["attention_mask"].bool()
     torch.testing.assert_close(out[valid], ref[valid], rtol=0, atol=1e-6)
     torch.testing.assert_close(positional[valid], ref[valid], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("mma", [False, MMA])
+def test_multi_token_continuation_with_cache_equals_full_forward(mma):
+    """A second forward of several tokens on top of a cache (1 < T < S: plain SDPA causality would be misaligned)."""
+    model = V.shared("llava", "hf_kan")
+    P.apply(model, mma=mma)
+    inputs = V.make_inputs("llava", [V.standard_prompt(1)])
+    extra = torch.tensor([[30, 31, 32]])
+    full = dict(inputs, input_ids=torch.cat([inputs["input_ids"], extra], 1),
+                attention_mask=torch.ones(1, inputs["input_ids"].shape[1] + 3, dtype=torch.long))
+    with torch.no_grad():
+        expected = model(**full).logits[:, -3:]
+        cache = model(**inputs).cache
+        got = model(input_ids=extra, attention_mask=full["attention_mask"], cache=cache).logits
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
