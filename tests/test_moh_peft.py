@@ -13,7 +13,7 @@ from peft.utils import PeftType
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import hf_kan  # registers MoH
-from hf_kan.errors import HFKanConfigError, UnsupportedModelError
+from hf_kan.errors import HFKanConfigError, InputLayoutError, UnsupportedModelError
 from hf_kan.moh import (
     LearnedHeadRouter,
     MoHConfig,
@@ -315,3 +315,13 @@ def test_public_api():
     assert hf_kan.MoHConfig is MoHConfig and hf_kan.moh_aux_loss is moh.moh_aux_loss
     for name in moh.__all__:
         assert getattr(moh, name) is not None
+
+
+def test_output_projection_without_query_capture_raises():
+    model = get_peft_model(tiny_llama(heads=4, kv_heads=2), MoHConfig())
+    o_proj = model.base_model.model.model.layers[0].self_attn.o_proj
+    with pytest.raises(InputLayoutError, match="query_module"):
+        o_proj(torch.randn(1, 3, 32))
+    with model.disable_adapter():  # disabled: plain projection, no router input needed
+        x = torch.randn(1, 3, 32)
+        assert torch.equal(o_proj(x), o_proj.get_base_layer()(x))
