@@ -155,13 +155,13 @@ def test_variance_preserving_gains():
     assert PRESETS["swish"].gain_sq == pytest.approx(2.81, abs=0.01)  # methods.md: about 2.81
     assert PRESETS["gelu"].gain_sq == pytest.approx(2.35, abs=0.015)  # methods.md: about 2.35
     gen = torch.Generator().manual_seed(1)
-    x = torch.randn(2_000_000, dtype=torch.float64, generator=gen)
+    x = torch.randn(500_000, dtype=torch.float64, generator=gen)
     for name in ("swish", "gelu", "relu"):
         p = PRESETS[name]
         num = torch.tensor(p.numerator, dtype=torch.float64)
         den = torch.tensor(p.denominator, dtype=torch.float64)
         mc = 1.0 / rational_eval(x, num, den).pow(2).mean().item()
-        assert mc == pytest.approx(p.gain_sq, rel=5e-3), name
+        assert mc == pytest.approx(p.gain_sq, rel=1e-2), name
         assert variance_preserving_gain_sq(num, den) == pytest.approx(p.gain_sq, rel=1e-9)
         assert GroupRational(8, init=name).gain == pytest.approx(math.sqrt(p.gain_sq))
 
