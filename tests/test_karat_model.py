@@ -80,6 +80,9 @@ def test_save_load_round_trip_gives_identical_logits(tmp_path, sharing):
         assert torch.equal(reloaded(x).logits, logits)
     for name, tensor in model.state_dict().items():
         assert torch.equal(reloaded.state_dict()[name], tensor), name
+    card = (tmp_path / "README.md").read_text()  # rendered from model_cards/karat.md
+    assert "Fourier-KArAt" in card and "KArAtForImageClassification" in card
+    assert f"| `karat_sharing` | `'{sharing}'` |" in card
 
 
 @pytest.mark.parametrize("sharing", ["blockwise", "universal"])

@@ -31,6 +31,7 @@ from transformers.utils.generic import can_return_tuple, merge_with_config_defau
 from transformers.utils.output_capturing import capture_outputs
 
 from ...errors import ImageSizeError, UnsupportedModelError
+from ...hub import ModelCardMixin
 from ...modules.fourier_attention import FourierKArAtOperator
 from .configuration_karat import KArAtConfig
 
@@ -230,8 +231,9 @@ class KArAtLayer(GradientCheckpointingLayer):
         return hidden_states
 
 
-class KArAtPreTrainedModel(PreTrainedModel):
-    """Base class of the KArAt models: weight initialisation and the Transformers integration flags."""
+class KArAtPreTrainedModel(ModelCardMixin, PreTrainedModel):
+    """Base class of the KArAt models: weight initialisation, the Transformers integration flags, and a model card
+    (README.md from ``model_cards/karat.md``) written by ``save_pretrained`` / ``push_to_hub`` (:mod:`hf_kan.hub`)."""
 
     config: KArAtConfig
     config_class = KArAtConfig
