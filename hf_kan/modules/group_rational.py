@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..errors import HFKanConfigError
+from ..errors import HFKanConfigError, InputLayoutError
 from ..ops.rational import DENOMINATOR_TERMS, NUMERATOR_TERMS, group_rational
 from .rational_presets import RationalPreset, get_rational_preset
 
@@ -67,12 +67,17 @@ class GroupRational(nn.Module):
         self.weight_denominator = nn.Parameter(torch.empty(num_groups, DENOMINATOR_TERMS, **factory))
         self.reset_parameters()
 
-    def preset_coefficients(self, device=None, dtype=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """The preset's coefficients expanded to this module's shapes: ``([1 or G, 6], [G, 4])``."""
+    def preset_coefficients(
+        self, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The preset's coefficients expanded to this module's shapes: ``([1 or G, 6], [G, 4])``.
+
+        Defaults to the parameters' device and dtype (CPU when the parameters are on the meta device).
+        """
         dtype = dtype or self.weight_numerator.dtype
-        device = device or self.weight_numerator.device
+        device = torch.device(device) if device is not None else self.weight_numerator.device
         if device.type == "meta":
-            device = None
+            device = torch.device("cpu")
         num = torch.tensor(self.preset.numerator, dtype=dtype, device=device)
         den = torch.tensor(self.preset.denominator, dtype=dtype, device=device)
         return (
@@ -94,8 +99,11 @@ class GroupRational(nn.Module):
         return self.preset.gain
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """F(x) per channel group for ``x`` of shape ``[..., num_channels]``; same shape and dtype as ``x``."""
         if x.shape[-1] != self.num_channels:
-            raise ValueError(f"GroupRational expects {self.num_channels} channels last, got input {tuple(x.shape)}")
+            raise InputLayoutError(
+                f"GroupRational expects {self.num_channels} channels last, got input {tuple(x.shape)}"
+            )
         return group_rational(x, self.weight_numerator, self.weight_denominator, backend=self.backend)
 
     def extra_repr(self) -> str:
