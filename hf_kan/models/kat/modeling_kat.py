@@ -189,10 +189,9 @@ class KATMLP(nn.Module):
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        hidden_states = self.fc1(self.rational_1(hidden_states))
-        hidden_states = self.dropout(hidden_states)
-        hidden_states = self.fc2(self.rational_2(hidden_states))
-        return self.dropout(hidden_states)
+        # dropout sits between each activation and its linear layer, as in the authors' KAN module
+        hidden_states = self.fc1(self.dropout(self.rational_1(hidden_states)))
+        return self.fc2(self.dropout(self.rational_2(hidden_states)))
 
 
 class KATDropPath(nn.Module):
