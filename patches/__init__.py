@@ -11,12 +11,17 @@ from . import backend
 from .api import apply, detach, from_pretrained, status
 from .cache import HFKanCache, KVLedger
 from .config import MMAConfig, PatchConfig
+from .dropping import drop_tokens, drop_visual
+from .efficiency import EfficiencyReport, efficiency_report
 from .families import ADAPTERS, adapter_for
 from .layout import IMAGE, PAD, TEXT, VIDEO, TokenLayout
+from .pruning import calibrate_trend, padding_cache
+from .pruning_config import PruneConfig
 from .runtime import PatchRuntime
 from .state import ForwardState
 from .var_calibrate import find_sink_dims, sink_dim_scores
 from .var_config import VARConfig
+from .visualize_pruning import kept_token_grid, plot_kept_tokens
 
 backend.register()
 
@@ -26,19 +31,28 @@ __all__ = [
     "PAD",
     "TEXT",
     "VIDEO",
+    "EfficiencyReport",
     "ForwardState",
     "HFKanCache",
     "KVLedger",
     "MMAConfig",
     "PatchConfig",
     "PatchRuntime",
+    "PruneConfig",
     "TokenLayout",
     "VARConfig",
     "adapter_for",
     "apply",
+    "calibrate_trend",
     "detach",
+    "drop_tokens",
+    "drop_visual",
+    "efficiency_report",
     "find_sink_dims",
     "from_pretrained",
+    "kept_token_grid",
+    "padding_cache",
+    "plot_kept_tokens",
     "sink_dim_scores",
     "status",
 ]

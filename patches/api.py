@@ -11,6 +11,7 @@ from ..errors import HFKanConfigError, UnsupportedModelError
 from .config import CONFIG_ATTRIBUTE, MMAConfig, PatchConfig, _parse_sub
 from .families import adapter_for
 from .hooks import LayerHooks, ModelHook, check_implementation, is_flash
+from .pruning_config import PruneConfig, resolve_prune
 from .template import assistant_opener_ids
 from .var import resolve_var
 from .var_config import VARConfig
@@ -51,13 +52,15 @@ def _resolve_mma(value, current: MMAConfig | None, template_source, vocab_size: 
 
 
 def apply(model: nn.Module, *, mma: bool | dict | MMAConfig | None = None, var: bool | dict | VARConfig | None = None,
-          processor: Any = None, tokenizer: Any = None) -> PatchConfig:
+          prune: bool | str | dict | PruneConfig | None = None, processor: Any = None,
+          tokenizer: Any = None) -> PatchConfig:
     """Apply or change hf_kan patches on a loaded model; returns the resulting ``PatchConfig``.
 
     Each patch argument is ``None`` (leave as configured), ``False`` (off), ``True`` (on with defaults), a dict of
     options or a config dataclass. ``processor`` / ``tokenizer`` supply the chat template from which MMA's
     assistant-turn opener is derived; VAR without ``sink_dims`` finds them with ``find_sink_dims(model)`` (one
-    first-token forward) and stores its default layers explicitly. The text model's attention is switched to
+    first-token forward) and stores its default layers explicitly; ``prune`` takes ``"fastv"``, ``"pdrop"``, a dict
+    (``{"method": "pdrop", "keep_ratios": [...]}``) or a ``PruneConfig``. The text model's attention is switched to
     ``"hf_kan"`` (the vision tower is left as it is), the config is stored JSON-serialisably as ``config.text_config.hf_kan`` (saved by
     ``save_pretrained``), and the model and decoder-layer hooks are attached once. Calling ``apply(model)`` with no
     arguments after ``from_pretrained`` re-attaches the hooks for the saved configuration.
@@ -74,6 +77,7 @@ def apply(model: nn.Module, *, mma: bool | dict | MMAConfig | None = None, var: 
     config = current.replace(mma=_resolve_mma(mma, current.mma, processor or tokenizer,
                                               getattr(text_config, "vocab_size", None)))
     config = config.replace(var=resolve_var(var, current.var, model, len(adapter.decoder_layers(model))))
+    config = config.replace(prune=resolve_prune(prune, current.prune, len(adapter.decoder_layers(model))))
     impl = text_config._attn_implementation
     if is_flash(impl):
         check_implementation(config, impl)
@@ -83,7 +87,9 @@ def apply(model: nn.Module, *, mma: bool | dict | MMAConfig | None = None, var: 
             raise UnsupportedModelError(f"could not switch {type(model).__name__}'s text attention to 'hf_kan'")
     setattr(text_config, CONFIG_ATTRIBUTE, config.to_dict())
     if not getattr(model, _HANDLES, None):
-        handles = [model.register_forward_pre_hook(ModelHook(adapter), with_kwargs=True)]
+        hook = ModelHook(adapter)
+        handles = [model.register_forward_pre_hook(hook, with_kwargs=True),
+                   model.register_forward_hook(hook.after, with_kwargs=True)]
         for i, layer in enumerate(adapter.decoder_layers(model)):
             hooks = LayerHooks(i)
             handles.append(layer.register_forward_pre_hook(hooks.before, with_kwargs=True))

@@ -82,6 +82,8 @@ def hf_kan_attention(module, query, key, value, attention_mask, scaling=None, dr
         return sdpa_compute(module, query, key, value, attention_mask, scaling, dropout, kwargs.get("is_causal")), None
     layer_idx = module.layer_idx
     mask, is_causal = state.mask_for(layer_idx, key.shape[2])
+    for rt in state.layer_runtimes:
+        rt.observe_attention(state, layer_idx, module, query, key, scaling)
     transform = None
     for rt in state.runtimes:
         fn = rt.probs_transform(state, layer_idx)

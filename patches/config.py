@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import HFKanConfigError
+from .pruning_config import PruneConfig
 from .var_config import VARConfig
 
 CONFIG_ATTRIBUTE = "hf_kan"
@@ -58,7 +59,7 @@ class MMAConfig:
         return {"assistant_token_ids": list(self.assistant_token_ids), "modalities": list(self.modalities)}
 
 
-_PATCH_CLASSES: dict[str, type] = {"mma": MMAConfig, "var": VARConfig}
+_PATCH_CLASSES: dict[str, type] = {"mma": MMAConfig, "var": VARConfig, "prune": PruneConfig}
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,7 @@ class PatchConfig:
 
     mma: MMAConfig | None = None
     var: VARConfig | None = None
+    prune: PruneConfig | None = None
 
     @property
     def active(self) -> tuple[str, ...]:

@@ -5,8 +5,8 @@ Attention-based importance scores are biased (1) by position: tokens late in the
 
 - **Positional trend**: divide each visual token's score by ``T(i) = exp(-b * i)``, ``i`` = the token's index in its
   sample's visual sequence (``T(0) = 1``). ``b`` is fitted ONCE per model on a handful of calibration inputs by
-  :func:`fit_trend` / ``hf_kan.patches.calibrate_trend`` (least squares on the log of the mean normalised score per
-  index) and stored in ``PruneConfig.trend``; it is never fitted on evaluation data.
+  :func:`fit_trend` / ``hf_kan.patches.calibrate_trend`` (least squares on the log scores with one offset per
+  sample) and stored in ``PruneConfig.trend``; it is never fitted on evaluation data.
 - **Padding suppression**: a visual token whose patch covers more than ``padding_threshold`` of padding gets score 0
   and the keep count is capped at the number of real tokens, so padding is never kept while real tokens remain.
   Padding exists for LLaVA-1.5 with expand-to-square (``LlavaImageProcessor(do_pad=True)``): the image is centred on
@@ -95,31 +95,24 @@ def debias_scores(scores: torch.Tensor, index: torch.Tensor, padding: torch.Tens
 
 
 def fit_trend(scores: list[torch.Tensor]) -> float:
-    """Fit ``b`` of ``T(i) = exp(-b i)`` to visual-token scores: each sample's scores (1-D, in visual order) are
-    normalised to mean 1, averaged per index ``i`` over the samples that have it, and ``log mean_i = a - b i`` is
-    fitted by least squares (weighted by how many samples have index ``i``). ``T(0) = 1`` by construction."""
-    if not scores:
-        raise InputLayoutError("fit_trend needs the scores of at least one sample with visual tokens")
-    length = max(int(s.numel()) for s in scores)
-    total = torch.zeros(length, dtype=torch.float64)
-    count = torch.zeros(length, dtype=torch.float64)
+    """Fit ``b`` of ``T(i) = exp(-b i)`` to visual-token scores (one 1-D tensor per sample, in visual order) by least
+    squares on ``log s[n, i] = a_n - b i`` with a free offset ``a_n`` per sample (so samples of different lengths and
+    score scales pool without bias): ``b = -sum_n sum_i (i - mean_n i)(y - mean_n y) / sum_n sum_i (i - mean_n i)^2``
+    with ``y = log s``. ``T(0) = 1`` by construction."""
+    num = torch.zeros((), dtype=torch.float64)
+    den = torch.zeros((), dtype=torch.float64)
     for s in scores:
         s = s.double().flatten()
-        if s.numel() == 0:
+        if s.numel() < 2:
             continue
-        s = s / s.mean().clamp(min=1e-30)
-        total[: s.numel()] += s
-        count[: s.numel()] += 1
-    have = count > 0
-    if int(have.sum()) < 2:
-        raise InputLayoutError("fit_trend needs samples with at least two visual tokens")
-    mean = (total[have] / count[have]).clamp(min=1e-12)
-    i = torch.arange(length, dtype=torch.float64)[have]
-    w = count[have]
-    y = mean.log()
-    iw, yw = (w * i).sum() / w.sum(), (w * y).sum() / w.sum()
-    slope = (w * (i - iw) * (y - yw)).sum() / (w * (i - iw) ** 2).sum().clamp(min=1e-30)
-    return float(-slope)
+        i = torch.arange(s.numel(), dtype=torch.float64)
+        y = s.clamp(min=1e-30).log()
+        di = i - i.mean()
+        num += (di * (y - y.mean())).sum()
+        den += (di * di).sum()
+    if float(den) == 0.0:
+        raise InputLayoutError("fit_trend needs the scores of at least one sample with two or more visual tokens")
+    return float(-num / den)
 
 
 __all__ = ["PAD_TOLERANCE", "debias_scores", "fit_trend", "image_padding_fractions", "positional_trend",

@@ -22,6 +22,7 @@ from transformers import Cache, DynamicCache
 from ..errors import InputLayoutError, UnsupportedModelError
 from .cache import HFKanCache
 from .config import CONFIG_ATTRIBUTE, PatchConfig
+from .dropping import sync_layer_inputs
 from .layout import build_layout
 from .registry import runtimes_for
 from .state import STATE_KWARG, ForwardState
@@ -95,8 +96,28 @@ class ModelHook:
         layout = build_layout(input_ids, attention_mask, items, offset=seen, assistant_token_ids=opener)
         if cache is not None:
             cache.ledger.extend(layout)
-        kwargs[STATE_KWARG] = ForwardState(config, layout, cache, runtimes_for(config), seen_before=seen)
+        state = ForwardState(config, layout, cache, runtimes_for(config), seen_before=seen)
+        kwargs[STATE_KWARG] = state
+        for rt in state.runtimes:
+            rt.begin_forward(state, kwargs)
         return args, kwargs
+
+    @staticmethod
+    def after(model, args, kwargs, output):
+        """Forward hook: the runtimes' ``end_forward``; the forward's ``ForwardState`` (rows per layer, layout, the
+        patches' ``scratch``) is then exposed as the attribute ``output.hf_kan_state`` (not an output key) and, for
+        a prefill, as ``cache.hf_kan_prefill_state`` (what ``generate`` returns)."""
+        state = kwargs.get(STATE_KWARG)
+        if state is None:
+            return None
+        for rt in state.runtimes:
+            rt.end_forward(state, output)
+        state._masks.clear()
+        if output is not None and not isinstance(output, tuple):
+            output.hf_kan_state = state
+        if state.cache is not None and state.seen_before == 0:
+            state.cache.hf_kan_prefill_state = state
+        return None
 
     @staticmethod
     def _cache(model, kwargs) -> HFKanCache | None:
@@ -138,6 +159,7 @@ class LayerHooks:
             new = rt.before_layer(state, self.layer_idx, hidden, kwargs)
             if new is not None:
                 hidden = new
+        sync_layer_inputs(state, self.layer_idx, kwargs)  # full-length cos/sin, position ids -> the kept rows
         if args:
             return (hidden, *args[1:]), kwargs
         kwargs["hidden_states"] = hidden

@@ -6,10 +6,11 @@ from __future__ import annotations
 
 from .config import PatchConfig
 from .mma import MMARuntime
+from .pruning import PruneRuntime
 from .runtime import PatchRuntime
 from .var import VARRuntime
 
-RUNTIMES: dict[str, type[PatchRuntime]] = {"mma": MMARuntime, "var": VARRuntime}
+RUNTIMES: dict[str, type[PatchRuntime]] = {"mma": MMARuntime, "var": VARRuntime, "prune": PruneRuntime}
 
 
 def runtimes_for(config: PatchConfig) -> list[PatchRuntime]:

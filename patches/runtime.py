@@ -10,7 +10,9 @@ and puts them on the ``ForwardState``; the backend and the decoder-layer hooks t
   (``q``/``k``: ``TokenLayout`` of the layer's queries and keys);
 - ``probs_transform(state, layer_idx)`` returning a function that rewrites post-softmax probabilities for that
   layer, or ``None`` to keep the fused fast path (VAR on its selected layers);
-- ``after_layer(state, layer_idx, hidden_states)`` with the layer's output (DyVTE routers read it here).
+- ``after_layer(state, layer_idx, hidden_states)`` with the layer's output (DyVTE routers read it here);
+- ``observe_attention(state, layer_idx, module, query, key, scaling)``: read-only attention inputs (pruning scores);
+- ``begin_forward(state, inputs)`` / ``end_forward(state, output)`` once per forward.
 
 Every method has a no-op default; ``changes_mask``/``uses_layer_hooks`` let the backend skip work for patches that do
 not need it.
@@ -51,6 +53,21 @@ class PatchRuntime:
         return None
 
     def after_layer(self, state, layer_idx: int, hidden_states: torch.Tensor) -> torch.Tensor | None:
+        return None
+
+    def observe_attention(self, state, layer_idx: int, module, query: torch.Tensor, key: torch.Tensor,
+                          scaling: float) -> None:
+        """Read-only view of a text layer's attention inputs, called by the backend for runtimes with
+        ``uses_layer_hooks``: ``query`` ``(B, H, T, D)`` and ``key`` ``(B, H_kv, S, D)`` (RoPE applied, cache
+        included). Pruning recomputes one query row's attention from them instead of asking for attention weights."""
+        return None
+
+    def begin_forward(self, state, inputs: dict) -> None:
+        """Called once per forward after the ``ForwardState`` is built, with the forward's keyword arguments."""
+        return None
+
+    def end_forward(self, state, output) -> None:
+        """Called once per forward with the model output."""
         return None
 
 
