@@ -215,3 +215,27 @@ def test_published_checkpoints_are_recognised_by_hash_and_shape():
     assert _published_size(Path(name), config_from_preset("kat-small", num_labels=10)) is None  # fine-tuned head
     assert _published_size(Path("my_kat.pth"), config_from_preset("kat-small", num_labels=1000)) is None
     assert REPORTED_TOP1 == {"kat-tiny": 74.6, "kat-small": 81.2, "kat-base": 82.3}
+
+
+def test_preset_and_published_width_give_heads_for_a_kat_tiny_layout():
+    from hf_kan import config_from_preset
+    from hf_kan.models.kat.convert_kat_timm import hf_key
+
+    with torch.device("meta"):
+        tiny = KATForImageClassification(config_from_preset("kat-tiny", num_labels=1000))
+    # shapes only (meta tensors): the timm names of every KAT-T parameter
+    names = ["cls_token", "pos_embed", "patch_embed.proj.weight", "patch_embed.proj.bias", "norm.weight", "norm.bias",
+             "head.weight", "head.bias"]
+    for i in range(12):
+        names += [f"blocks.{i}.{m}.{p}" for m in ("norm1", "attn.qkv", "attn.proj", "norm2", "mlp.fc1", "mlp.fc2")
+                  for p in ("weight", "bias")]
+        names += [f"blocks.{i}.mlp.{a}.weight_{p}" for a in ("act1", "act2") for p in ("numerator", "denominator")]
+    params = dict(tiny.named_parameters())
+    sd = {n: params[hf_key(n)] for n in names}
+    assert len(sd) == len(params)
+    for kwargs in ({}, {"preset": "kat-tiny"}):
+        config = infer_kat_config(sd, **kwargs)
+        assert (config.hidden_size, config.num_attention_heads, config.num_hidden_layers, config.image_size,
+                config.num_labels, config.intermediate_size) == (192, 3, 12, 224, 1000, 768)
+    with pytest.raises(ConversionError, match="num_hidden_layers: preset 12 vs checkpoint 11"):
+        infer_kat_config({k: v for k, v in sd.items() if not k.startswith("blocks.11.")}, preset="kat-tiny")

@@ -213,6 +213,12 @@ class KATDropPath(nn.Module):
         return f"p={self.drop_prob}"
 
 
+def _drop_path_rates(config: KATConfig) -> list[float]:
+    """Stochastic-depth rate of each block, rising linearly from 0 to ``config.drop_path_rate``."""
+    last = max(config.num_hidden_layers - 1, 1)
+    return [config.drop_path_rate * i / last for i in range(config.num_hidden_layers)]
+
+
 class KATLayer(GradientCheckpointingLayer):
     """Pre-norm transformer block: ``x + attn(norm1(x))`` then ``x + mlp(norm2(x))``."""
 
@@ -287,8 +293,7 @@ class KATModel(KATPreTrainedModel):
         super().__init__(config)
         self.config = config
         self.embeddings = KATEmbeddings(config)
-        rates = torch.linspace(0, config.drop_path_rate, config.num_hidden_layers).tolist()
-        self.layers = nn.ModuleList([KATLayer(config, drop_path=rate) for rate in rates])
+        self.layers = nn.ModuleList([KATLayer(config, drop_path=rate) for rate in _drop_path_rates(config)])
         self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.post_init()
 
@@ -364,8 +369,7 @@ class KATBackbone(BackboneMixin, KATPreTrainedModel):
         super().__init__(config)
         self.num_features = [config.hidden_size] * (config.num_hidden_layers + 1)
         self.embeddings = KATEmbeddings(config)
-        rates = torch.linspace(0, config.drop_path_rate, config.num_hidden_layers).tolist()
-        self.layers = nn.ModuleList([KATLayer(config, drop_path=rate) for rate in rates])
+        self.layers = nn.ModuleList([KATLayer(config, drop_path=rate) for rate in _drop_path_rates(config)])
         self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.post_init()
 
