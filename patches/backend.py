@@ -92,7 +92,8 @@ def hf_kan_attention(module, query, key, value, attention_mask, scaling=None, dr
                 raise InputLayoutError(f"two patches transform attention probabilities on layer {layer_idx}")
             transform = fn
     if transform is not None:
-        out = explicit_attention(module, query, key, value, mask, scaling, transform)
+        out = explicit_attention(module, query, key, value, mask, scaling, transform,
+                                 first_row=getattr(transform, "first_row", 0))
     else:
         out = state.compute(module, query, key, value, mask, scaling, dropout, is_causal)
     return out, None

@@ -38,19 +38,26 @@ def explicit_attention(
     scaling: float,
     transform: Callable[[torch.Tensor, slice], torch.Tensor] | None = None,
     chunk_size: int = 256,
+    first_row: int = 0,
 ) -> torch.Tensor:
     """Attention with explicit probabilities: ``P = softmax(Q K^T * scaling, masked)``, ``P <- transform(P, rows)``,
     output ``P V`` as ``(B, T, H, D)``. Queries are processed ``chunk_size`` rows at a time (peak memory
     ``B * H * chunk_size * S`` floats); ``transform`` receives the chunk's probabilities ``(B, H, t, S)`` in float32 and
-    the query slice it covers. ``mask`` must not be ``None`` unless ``T == 1`` or ``T == S`` (then causal)."""
+    the query slice it covers. ``mask`` must not be ``None`` unless ``T == 1`` or ``T == S`` (then causal). Rows before
+    ``first_row`` (ones the transform would leave unchanged, e.g. VAR's queries before the image) take the SDPA path."""
     groups = getattr(module, "num_key_value_groups", 1)
     k = repeat_kv(key, groups).float()
     v = repeat_kv(value, groups).float()
     t, s = query.shape[2], k.shape[2]
     if mask is None and t > 1:
         mask = torch.ones(t, s, dtype=torch.bool, device=query.device).tril(s - t)[None, None]
+    first_row = min(max(int(first_row), 0), t)
     outs = []
-    for start in range(0, t, chunk_size):
+    if first_row > 0:
+        head = None if mask is None else mask[:, :, :first_row]
+        outs.append(sdpa_compute(module, query[:, :, :first_row], key, value, head, scaling, 0.0, False)
+                    .transpose(1, 2).float())
+    for start in range(first_row, t, chunk_size):
         rows = slice(start, min(start + chunk_size, t))
         scores = torch.matmul(query[:, :, rows].float(), k.transpose(-1, -2)) * scaling
         if mask is not None:

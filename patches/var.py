@@ -179,6 +179,9 @@ class VARRuntime(PatchRuntime):
                 _record(trace, layer_idx, rows, probs, out, selected)
             return out
 
+        # rows before the first eligible query are never changed: the backend computes them on the fused path
+        rows_idx = torch.arange(query.shape[1], device=query.device)
+        transform.first_row = int(torch.where(query, rows_idx, query.shape[1]).amin())
         return transform
 
 
@@ -189,8 +192,8 @@ def _record(trace: dict, layer_idx: int, rows: slice, before: torch.Tensor, afte
     per_layer = trace.setdefault("layers", {}).setdefault(layer_idx, {"selected": [], "before": [], "after": []})
     per_layer["selected"].append((rows.start, selected.detach().clone()))
     if trace.get("keep_probs_layer") == layer_idx:
-        per_layer["before"].append(before.detach().clone())
-        per_layer["after"].append(after.detach().clone())
+        per_layer["before"].append((rows.start, before.detach().clone()))
+        per_layer["after"].append((rows.start, after.detach().clone()))
 
 
 def resolve_var(value, current: VARConfig | None, model, num_layers: int) -> VARConfig | None:

@@ -30,9 +30,10 @@ def record_var(model: nn.Module, keep_probs_layer: int | None = None) -> Iterato
     """Collect VAR diagnostics of the forwards run inside the block (each forward replaces the previous record).
 
     Yields a dict that after a forward holds ``"state"`` (the ``ForwardState``), ``"sinks"`` (layer -> ``(B, N)``
-    bool sink flags by original position), ``"layers"`` (layer -> ``{"selected": [(first_row, (B, H, t) bool)],
-    "before"/"after": [(B, H, t, S) probability chunks] (``keep_probs_layer`` only)}``). Call after
-    ``hf_kan.patches.apply(model, var=...)``, so the hf_kan hook runs first.
+    bool sink flags by original position) and ``"layers"`` (layer -> ``{"selected": [(first_row, (B, H, t) bool)],
+    "before"/"after": [(first_row, (B, H, t, S) probabilities)] (``keep_probs_layer`` only)}``, one entry per query
+    chunk; ``assemble`` joins them). Call after ``hf_kan.patches.apply(model, var=...)``, so the hf_kan hook runs
+    first.
     """
     trace: dict[str, Any] = {"keep_probs_layer": keep_probs_layer}
 
@@ -54,13 +55,23 @@ def record_var(model: nn.Module, keep_probs_layer: int | None = None) -> Iterato
         handle.remove()
 
 
-def _probs(trace: dict, layer: int, which: str) -> torch.Tensor:
+def assemble(trace: dict, layer: int, which: str) -> torch.Tensor:
+    """One recorded quantity of ``layer`` over all its query rows: ``which`` is ``"selected"`` (``(B, H, T)`` bool) or
+    ``"before"`` / ``"after"`` (``(B, H, T, S)`` probabilities). Rows the backend did not compute explicitly (those
+    before the first query VAR may change) are False / NaN."""
     chunks = trace.get("layers", {}).get(layer, {}).get(which)
     if not chunks:
         raise InputLayoutError(
-            f"VAR did not transform layer {layer} in this forward (not a VAR layer, or no query after an image)"
+            f"VAR recorded no {which!r} for layer {layer} in this forward (not a VAR layer, no query after an image, "
+            "or record_var(keep_probs_layer=...) names another layer)"
         )
-    return torch.cat(chunks, 2)
+    first = chunks[0][1]
+    shape = list(first.shape)
+    shape[2] = trace["state"].query_layout(layer).length
+    out = torch.full(shape, False if first.dtype == torch.bool else float("nan"), dtype=first.dtype)
+    for start, chunk in chunks:
+        out[:, :, start:start + chunk.shape[2]] = chunk
+    return out
 
 
 def var_maps(model: nn.Module, inputs: dict, layer: int, head: int, sample: int = 0, image_index: int = 0,
@@ -72,7 +83,7 @@ def var_maps(model: nn.Module, inputs: dict, layer: int, head: int, sample: int 
     with record_var(model, keep_probs_layer=layer) as trace, torch.no_grad():
         model(**inputs)
     state = trace["state"]
-    before, after = _probs(trace, layer, "before"), _probs(trace, layer, "after")
+    before, after = assemble(trace, layer, "before"), assemble(trace, layer, "after")
     if not 0 <= head < before.shape[1]:
         raise HFKanConfigError(f"head {head} does not exist: layer {layer} has {before.shape[1]} heads")
     q_lay = state.query_layout(layer)
@@ -88,7 +99,9 @@ def var_maps(model: nn.Module, inputs: dict, layer: int, head: int, sample: int 
     shape = (int(rows.max()) + 1, int(cols.max()) + 1)
     positions = k_lay.position[sample][in_image]
     qi = query % q_lay.length
-    selected = torch.cat([s for _, s in trace["layers"][layer]["selected"]], 2)[sample, head, qi]
+    if bool(before[sample, head, qi].isnan().any()):
+        raise InputLayoutError(f"the query at column {qi} comes before the image: VAR never changes it")
+    selected = assemble(trace, layer, "selected")[sample, head, qi]
     out = {"selected": bool(selected), "query_position": int(q_lay.position[sample, qi]), "layer": layer,
            "head": head}
     sink_flags = trace["sinks"][layer][sample, positions]
@@ -139,4 +152,4 @@ def plot_var(model: nn.Module, inputs: dict, path: str | Path, layer: int, head:
     return maps
 
 
-__all__ = ["plot_var", "record_var", "var_maps"]
+__all__ = ["assemble", "plot_var", "record_var", "var_maps"]

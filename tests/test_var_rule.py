@@ -3,6 +3,7 @@
 import pytest
 import torch
 from hf_kan.patches import PatchConfig, VARConfig
+from hf_kan.patches.compute import explicit_attention
 from hf_kan.patches.var import redistribute, sink_scores
 
 from hf_kan.errors import HFKanConfigError
@@ -115,3 +116,28 @@ def test_var_config_round_trip():
     data = cfg.to_dict()
     assert data["var"]["sink_dims"] == [2533, 1415] and data["var"]["tau"] == 20.0 and data["var"]["p"] == 0.6
     assert PatchConfig.from_dict(data) == cfg and cfg.active == ("var",) and not cfg.changes_mask
+
+
+@pytest.mark.parametrize("first_row", [0, 13, 37])
+def test_explicit_attention_runs_rows_before_first_row_on_sdpa(first_row):
+    """Rows before ``first_row`` get plain attention (no transform), later rows the transformed probabilities; checked
+    against a float64 reference, with GQA, a padding-style mask and chunks that do not divide the rows."""
+    torch.manual_seed(0)
+
+    class Mod:
+        num_key_value_groups = 2
+
+    q, k, v = torch.randn(2, 4, 37, 8), torch.randn(2, 2, 37, 8), torch.randn(2, 2, 37, 8)
+    mask = (torch.rand(2, 1, 37, 37) > 0.3) | torch.eye(37, dtype=torch.bool)
+    boost = torch.rand(37, dtype=torch.float64) + 0.5
+
+    def transform(p, rows):  # reweight keys, renormalise (changes every row)
+        w = p * boost.to(p.dtype)
+        return w / w.sum(-1, keepdim=True)
+
+    out = explicit_attention(Mod(), q, k, v, mask, 0.35, transform, chunk_size=8, first_row=first_row)
+    kk, vv = k.double().repeat_interleave(2, 1), v.double().repeat_interleave(2, 1)
+    probs = torch.softmax((q.double() @ kk.transpose(-1, -2) * 0.35).masked_fill(~mask, float("-inf")), -1)
+    probs[:, :, first_row:] = transform(probs[:, :, first_row:], None)
+    ref = (probs @ vv).transpose(1, 2)
+    assert (out.double() - ref).norm() / ref.norm() < 1e-5
