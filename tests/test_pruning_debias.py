@@ -121,3 +121,37 @@ def test_calibrate_trend_fits_and_stores_b():
     assert b == pytest.approx(fit_trend(scores), abs=1e-12)
     assert P.status(model)["patches"]["prune"]["trend"] == pytest.approx(b)
     assert P.status(model)["patches"]["prune"]["keep_ratios"] == [0.5]  # the probe's settings did not leak
+
+
+def test_calibrate_prune_command_stores_the_trend(tmp_path):
+    import json
+
+    import numpy as np
+    from hf_kan.patches.pruning_calibrate import calibration_images, calibration_inputs
+    from PIL import Image
+    from transformers import CLIPImageProcessor, LlavaProcessor
+
+    from hf_kan.cli import main
+
+    model = V.build("llava", num_layers=3)
+    template = ("{% for m in messages %}USER: {% for c in m['content'] %}{% if c['type'] == 'image' %}<image> "
+                "{% else %}{{ c['text'] }} {% endif %}{% endfor %}{% endfor %}"
+                "{% if add_generation_prompt %}ASSISTANT:{% endif %}")
+    processor = LlavaProcessor(
+        image_processor=CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16}),
+        tokenizer=V.chat_tokenizer(), patch_size=4, vision_feature_select_strategy="default",
+        num_additional_image_tokens=1, chat_template=template)
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    assert main(["calibrate-prune", str(tmp_path), "--num-images", "3", "--prompt", "w10 w11", "--save"]) == 0
+    stored = json.loads((tmp_path / "config.json").read_text())["text_config"]["hf_kan"]["prune"]
+    assert stored["debias"] and stored["layers"] == [2]
+    # the stored b is the fit on the same three inputs, computed here by the library call
+    P.apply(model, prune={"method": "fastv", "debias": True})
+    inputs = calibration_inputs(processor, calibration_images(None, 3), "w10 w11")
+    assert inputs[0]["input_ids"][0].tolist().count(V.IMAGE) == 16
+    assert stored["trend"] == pytest.approx(P.calibrate_trend(model, inputs, store=False), rel=1e-6)
+    images = tmp_path / "imgs"
+    images.mkdir()
+    Image.fromarray(np.zeros((20, 30, 3), np.uint8)).save(images / "a.png")
+    assert len(calibration_images(str(images), 5)) == 1
