@@ -143,6 +143,15 @@ def test_cli_writes_model_processor_and_card(tmp_path):
     assert "reported by the authors" not in card  # shapes are not a published model: no borrowed metrics
 
 
+def test_cli_reports_conversion_errors_without_traceback(tmp_path, capsys):
+    src = tmp_path / "kat.pth"
+    torch.save(synthetic_timm_state_dict(), src)
+    assert cli_main(["convert-kat", str(src), str(tmp_path / "out"), "--preset", "kat-small"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("hf-kan convert-kat: error: checkpoint does not match preset 'kat-small'")
+    assert "Traceback" not in err
+
+
 def test_headless_checkpoint_converts_to_bare_model(tmp_path):
     sd = synthetic_timm_state_dict(head=False)
     src = tmp_path / "kat.pth"

@@ -21,6 +21,7 @@ import argparse
 import json
 import math
 import re
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,7 @@ from typing import Any
 import torch
 from transformers.utils import logging
 
-from ...errors import ConversionError
+from ...errors import ConversionError, HFKanError
 from ...hub import set_model_card_info
 from ..presets import config_from_preset
 from . import KAT_SIZES
@@ -363,16 +364,20 @@ def _run(args: argparse.Namespace) -> int:
     if args.labels:
         text = Path(args.labels).read_text(encoding="utf-8")
         labels = json.loads(text) if args.labels.endswith(".json") else [ln for ln in text.splitlines() if ln.strip()]
-    model = convert_kat_checkpoint(
-        args.src,
-        args.out_dir,
-        preset=args.preset,
-        labels=labels,
-        use_ema=args.use_ema,
-        model_name=args.model_name,
-        license=args.license,
-        **overrides,
-    )
+    try:
+        model = convert_kat_checkpoint(
+            args.src,
+            args.out_dir,
+            preset=args.preset,
+            labels=labels,
+            use_ema=args.use_ema,
+            model_name=args.model_name,
+            license=args.license,
+            **overrides,
+        )
+    except HFKanError as exc:
+        print(f"hf-kan convert-kat: error: {exc}", file=sys.stderr)
+        return 1
     cfg = model.config
     print(
         f"wrote {args.out_dir}: {type(model).__name__}, D={cfg.hidden_size}, {cfg.num_hidden_layers} layers, "
