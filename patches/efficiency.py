@@ -65,6 +65,8 @@ def layer_flops(text_config, n: torch.Tensor | int, s: torch.Tensor | int) -> fl
 
 
 def _state_of(obj):
+    if hasattr(obj, "layout") and hasattr(obj, "row_positions"):  # a ForwardState itself
+        return obj
     state = getattr(obj, "hf_kan_state", None)
     if state is not None:
         return state
@@ -74,8 +76,6 @@ def _state_of(obj):
     state = getattr(cache, "hf_kan_prefill_state", None)
     if state is not None:
         return state
-    if hasattr(obj, "layout") and hasattr(obj, "row_positions"):
-        return obj
     from ..errors import InputLayoutError
 
     raise InputLayoutError(

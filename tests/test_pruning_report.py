@@ -90,3 +90,24 @@ def test_kept_token_grid_qwen():
     # each sample keeps half of its visual tokens in total
     assert int(P.kept_token_grid(out.hf_kan_state, 0, 0).sum() + P.kept_token_grid(out.hf_kan_state, 0, 1).sum()) == 5
     assert int(P.kept_token_grid(out.hf_kan_state, 1, 0).sum()) == 3
+
+
+def test_report_of_a_decode_step():
+    """A decode step's report: one query row per sample, keys = what each layer's (pruned) cache holds."""
+    model = model_for("llava")
+    P.apply(model, mma=False, prune={"layers": [K], "keep_ratios": [0.5]})
+    inputs = V.make_inputs("llava", PROMPTS, "left")
+    with torch.no_grad():
+        out = model(**inputs)
+        token = out.logits[:, -1:].argmax(-1)
+        mask = torch.cat([inputs["attention_mask"], torch.ones_like(token)], 1)
+        step = model(input_ids=token, attention_mask=mask, cache=out.cache,
+                     position_ids=inputs["attention_mask"].sum(-1, keepdim=True))
+    rep = P.efficiency_report(model, step.hf_kan_state)
+    assert rep.as_dict() == P.efficiency_report(model, step).as_dict()
+    real = inputs["attention_mask"].sum(-1) + 1
+    n_kept = (kept_positions(out) >= 0).sum(-1) + 1
+    assert rep.tokens_per_layer == [2] * LAYERS
+    assert rep.keys_per_layer == [int(real.sum())] * K + [int(n_kept.sum())] * (LAYERS - K)
+    cfg = model.config.text_config
+    assert rep.flops == K * layer_flops(cfg, [1, 1], real) + (LAYERS - K) * layer_flops(cfg, [1, 1], n_kept)
