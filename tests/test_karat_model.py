@@ -12,6 +12,15 @@ from hf_kan.models import karat
 from hf_kan.models.karat import KArAtConfig, KArAtForImageClassification, KArAtModel
 
 
+@pytest.fixture(autouse=True)
+def _single_thread():
+    """Tiny ops: one intra-op thread is far faster than two on a shared, loaded 2-core machine (no barrier waits)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def tiny_config(**overrides) -> KArAtConfig:
     kwargs = dict(
         hidden_size=24,

@@ -107,13 +107,21 @@ class _FourierKANRowsFunction(torch.autograd.Function):
         return grad_scores, grad_coeffs
 
 
+def _compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
+    """The widest of ``dtypes`` and float32: ``cos(m x)`` of half-precision scores loses most of its digits."""
+    out = torch.float32
+    for dtype in dtypes:
+        out = torch.promote_types(out, dtype)
+    return out
+
+
 def fourier_kan_rows(scores: torch.Tensor, coeffs: torch.Tensor) -> torch.Tensor:
     """``Phi(A)`` ``[B, H, N, r]`` of every row of ``scores`` ``[B, H, N, N]`` with ``coeffs`` ``[2, G, H, N, r]``.
 
-    Same function as :func:`fourier_kan_rows_reference`; saves only ``scores`` for backward. Computed in the wider
-    of the two dtypes with autocast off (``cos(m x)`` of bf16 scores loses most of its digits).
+    Same function as :func:`fourier_kan_rows_reference`; saves only ``scores`` for backward. Computed with autocast
+    off in float32 or the wider input dtype (float64), and returned in that dtype.
     """
-    dtype = torch.promote_types(scores.dtype, coeffs.dtype)
+    dtype = _compute_dtype(scores.dtype, coeffs.dtype)
     with torch.autocast(device_type=scores.device.type, enabled=False):
         return _FourierKANRowsFunction.apply(scores.to(dtype), coeffs.to(dtype))
 
@@ -134,7 +142,8 @@ class FourierKArAtOperator(nn.Module):
       L2 norm on average) and ``sigma_hat(A) @ V`` keeps the variance of ``V``.
 
     Memory per layer (B batch, H heads, N tokens, head dim D, rank r, G frequencies; in elements of the compute
-    dtype), ``"recompute"`` implementation:
+    dtype, which is float32 at least: half-precision scores and coefficients are evaluated in float32),
+    ``"recompute"`` implementation:
 
     - saved for backward: the scores ``A`` (``B*H*N*N``), ``Phi(A)`` (``B*H*N*r``) and ``W^T V`` (``B*H*r*D``).
       That is the same order as softmax attention in eager mode, which saves its ``B*H*N*N`` probabilities.
@@ -217,7 +226,9 @@ class FourierKArAtOperator(nn.Module):
             )
         self.check_num_tokens(scores.shape[-1])
         if self.implementation == "reference":
-            return fourier_kan_rows_reference(scores, self.fourier_coeffs.to(scores.dtype))
+            dtype = _compute_dtype(scores.dtype, self.fourier_coeffs.dtype)
+            with torch.autocast(device_type=scores.device.type, enabled=False):
+                return fourier_kan_rows_reference(scores.to(dtype), self.fourier_coeffs.to(dtype))
         return fourier_kan_rows(scores, self.fourier_coeffs)
 
     def attention_weights(self, scores: torch.Tensor) -> torch.Tensor:
