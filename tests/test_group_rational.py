@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from hf_kan.errors import HFKanConfigError
 from hf_kan.modules.group_rational import GroupRational
 from hf_kan.modules.rational_presets import (
-    ASYMPTOTIC_SLOPE,
     PRESETS,
+    SLOPE_BOUNDS,
     TARGET_FUNCTIONS,
     fit_grid,
     fit_rational,
@@ -130,7 +130,7 @@ def test_presets_match_targets_within_shipped_error(name):
 
 def test_preset_errors_are_small_and_gelu_is_gelu_at_3():
     assert PRESETS["identity"].max_abs_error == 0.0
-    for name, bound in {"swish": 2e-4, "gelu": 3e-3, "tanh": 1e-4, "sigmoid": 1e-6, "relu": 0.035}.items():
+    for name, bound in {"swish": 2e-6, "gelu": 3e-3, "tanh": 1e-4, "sigmoid": 1e-6, "relu": 0.035}.items():
         assert PRESETS[name].max_abs_error < bound, name
     gelu = PRESETS["gelu"]
     f3 = rational_eval(torch.tensor(3.0, dtype=torch.float64), torch.tensor(gelu.numerator, dtype=torch.float64),
@@ -141,7 +141,7 @@ def test_preset_errors_are_small_and_gelu_is_gelu_at_3():
 @pytest.mark.parametrize("name", ["swish", "tanh"])
 def test_fit_rational_reproduces_shipped_presets(name):
     """The shipped numbers come from fit_rational: a refit on a coarser grid lands on the same function."""
-    num, den, err = fit_rational(TARGET_FUNCTIONS[name], ASYMPTOTIC_SLOPE[name], points=1001)
+    num, den, err = fit_rational(TARGET_FUNCTIONS[name], SLOPE_BOUNDS[name], points=1001)
     preset = PRESETS[name]
     assert err <= 2 * preset.max_abs_error
     x = fit_grid()
@@ -219,9 +219,10 @@ def test_module_errors():
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
 def test_presets_extrapolate_at_most_linearly(name):
-    """F(x) / x -> the target's slope at +infinity, so no preset blows up outside the fit range."""
+    """F(x) / x tends to a slope inside the preset's bounds, so no preset blows up outside the fit range."""
     p = PRESETS[name]
-    x = torch.tensor([1e6, -1e6], dtype=torch.float64)
+    x = torch.tensor([1e8, -1e8], dtype=torch.float64)
     ratio = rational_eval(x, torch.tensor(p.numerator, dtype=torch.float64),
                           torch.tensor(p.denominator, dtype=torch.float64)) / x
-    torch.testing.assert_close(ratio, torch.full_like(ratio, ASYMPTOTIC_SLOPE[name]), atol=1e-2, rtol=0)
+    lo, hi = SLOPE_BOUNDS[name]
+    assert ((ratio >= lo - 1e-6) & (ratio <= hi + 1e-6)).all(), ratio

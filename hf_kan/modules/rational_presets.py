@@ -10,7 +10,7 @@ the per-term "safe" form that :func:`hf_kan.ops.rational.rational_reference` eva
 coefficients were fitted by least squares to the target function on a dense grid over
 [-3, 3] with :func:`fit_rational` (float64: a bounded Sanathanan-Koerner iteration, then a
 nonlinear least-squares polish), under exactly that form, with the leading coefficient tied so
-that F grows at most linearly outside the fit range (:data:`ASYMPTOTIC_SLOPE`). The KAT authors' published GELU
+that F grows at most linearly outside the fit range (:data:`SLOPE_BOUNDS`). The KAT authors' published GELU
 preset was fitted under a different denominator and is not GELU under the kernel form
 (F(3) = 1.53), which is why every preset is refitted.
 
@@ -52,17 +52,18 @@ def _target_functions() -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
 TARGET_FUNCTIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = _target_functions()
 """The function each preset approximates (``"swish"`` is SiLU, ``x * sigmoid(x)``; ``"gelu"`` the exact erf GELU)."""
 
-ASYMPTOTIC_SLOPE: dict[str, float] = {
-    "identity": 1.0,
-    "relu": 1.0,
-    "leaky_relu": 1.0,
-    "swish": 1.0,
-    "gelu": 1.0,
-    "tanh": 0.0,
-    "sigmoid": 0.0,
+SLOPE_BOUNDS: dict[str, tuple[float, float]] = {
+    "identity": (1.0, 1.0),
+    "relu": (0.0, 1.0),
+    "leaky_relu": (0.0, 1.0),
+    "swish": (0.0, 1.0),
+    "gelu": (0.0, 1.0),
+    "tanh": (0.0, 0.0),
+    "sigmoid": (0.0, 0.0),
 }
-"""Slope s of each target at +infinity; presets are fitted with F(x) ~ s * x as |x| -> infinity (both signs,
-the form is odd at infinity), so they never grow faster than linearly outside [-3, 3]."""
+"""Allowed asymptotic slope s of each preset, F(x) ~ s * x as |x| -> infinity. The per-term form is odd at
+infinity (a_5 x^5 / (|b_4| x^4)), so one slope serves both ends; bounding it by the target's slopes at -inf and
++inf (0 and 1 for the ReLU family, 0 for the bounded ones) keeps every preset at most linear outside [-3, 3]."""
 
 
 @dataclass(frozen=True)
@@ -110,78 +111,78 @@ PRESETS: dict[str, RationalPreset] = {
     "relu": RationalPreset(
         name="relu",
         numerator=(
-            0.0291180059652297,
-            0.70954052053578,
-            2.886307229806658,
-            3.8310880389394293,
-            1.9369810620855596,
-            0.3246269882877177,
+            0.029970146598288498,
+            0.6169019014596518,
+            2.374812777098832,
+            3.0645744689083747,
+            1.5236162126087092,
+            0.2525698215019625,
         ),
         denominator=(
-            2.2562597203061707,
-            4.266443427895935,
-            1.8468869863677282,
-            0.3246269882877177,
+            1.1913131056314499,
+            4.4059626483592504,
+            0.910429891674431,
+            0.34851593439071704,
         ),
-        max_abs_error=0.02911800596522965,
-        gain_sq=1.9993737130381204,
+        max_abs_error=0.02997014659828846,
+        gain_sq=2.0006128333825504,
     ),
     "leaky_relu": RationalPreset(
         name="leaky_relu",
         numerator=(
-            0.02898177446353022,
-            0.7113834825185412,
-            2.822983997882455,
-            3.812546125505902,
-            1.886243015453043,
-            0.32213873631884443,
+            0.02979918751334659,
+            0.6183770583828785,
+            2.322779014932112,
+            3.0505138972886496,
+            1.4843730053010509,
+            0.2507874157123892,
         ),
         denominator=(
-            2.1972166512569804,
-            4.244874346010242,
-            1.7967806969530407,
-            0.32213873631884443,
+            1.1417220316254306,
+            4.391066101602044,
+            0.8708863802035028,
+            0.3468626111279049,
         ),
-        max_abs_error=0.028981774463530167,
-        gain_sq=1.9991430891635926,
+        max_abs_error=0.02979918751334655,
+        gain_sq=2.0004041774522285,
     ),
     "swish": RationalPreset(
         name="swish",
         numerator=(
-            2.6790602322495038e-05,
-            0.5002266167854802,
-            0.2499599950460872,
-            0.0497823179902099,
-            0.004178947701776029,
-            5.9168550019625006e-05,
+            3.0652928986410007e-07,
+            0.5000007769879607,
+            0.2499978238032706,
+            0.053266085685235325,
+            0.005802942259764158,
+            0.00027518358116317853,
         ),
         denominator=(
-            0.0012667183875381177,
-            0.09839006243902682,
-            0.0004444295343000344,
-            5.9168550019625006e-05,
+            4.056666831274031e-06,
+            0.10652865634386684,
+            1.2454635883691416e-06,
+            0.0005502114305191505,
         ),
-        max_abs_error=0.00012003290438933334,
-        gain_sq=2.8106926474362646,
+        max_abs_error=1.1870422011173165e-06,
+        gain_sq=2.810763415456937,
     ),
     "gelu": RationalPreset(
         name="gelu",
         numerator=(
-            -0.0011426027985564653,
-            0.49963241273055853,
-            0.40732202771055737,
-            0.1072500242806146,
-            0.00936128018497378,
-            0.00019581083666487463,
+            -0.0011426027957768747,
+            0.4996324126932918,
+            0.4073220276857735,
+            0.10725002446445597,
+            0.009361280323184989,
+            0.0001958108623275379,
         ),
         denominator=(
-            6.315289188698714e-32,
-            0.2129238074754112,
-            0.0010798699000752064,
-            0.00019581083666487463,
+            2.684199600184111e-36,
+            0.2129238076584754,
+            0.001079870034393225,
+            0.00019581086232753792,
         ),
-        max_abs_error=0.002437450602469779,
-        gain_sq=2.3520891518781735,
+        max_abs_error=0.00243745062455862,
+        gain_sq=2.35208915187716,
     ),
     "tanh": RationalPreset(
         name="tanh",
@@ -251,68 +252,95 @@ def fit_grid(points: int = FIT_POINTS) -> torch.Tensor:
     return torch.linspace(*FIT_RANGE, points, dtype=torch.float64)
 
 
-def fit_rational(
-    target: Callable[[torch.Tensor], torch.Tensor],
-    slope: float,
-    *,
-    points: int = FIT_POINTS,
-    sk_iterations: int = 20,
-    polish: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor, float]:
-    r"""Least-squares fit of the safe-form rational to ``target`` on [-3, 3] (float64, deterministic).
+def _fit_fixed_slope(
+    x: np.ndarray, y: np.ndarray, slope: float, sk_iterations: int
+) -> np.ndarray:
+    """Sanathanan-Koerner iteration with a_5 = slope * c_4; returns params (a_0..a_4, c_1..c_4)."""
+    from scipy.optimize import lsq_linear
 
-    The denominator is written Q(x) = 1 + sum_i c_i |x|^i with c_i = |b_i| >= 0, and the leading numerator
-    coefficient is tied to it, a_5 = ``slope`` * c_4, so that F(x) ~ ``slope`` * x for large |x| (see
-    :data:`ASYMPTOTIC_SLOPE`): the preset extrapolates at most linearly outside the fit range instead of
-    growing like x^2 (an unconstrained GELU fit drives c_4 to 0 and overflows fp16 at |x| = 1e4).
-    Two stages on that bound-constrained problem in (a_0..a_4, c_1..c_4):
-
-    1. Sanathanan-Koerner iteration: repeatedly solve the *linear* least-squares problem
-       ``min || (P(x) - y Q(x)) / Q_prev(x) ||`` with ``c >= 0`` (bounded-variable least squares), which
-       converges to a near-optimal rational without a starting guess;
-    2. polish with nonlinear least squares, ``min sum (P(x)/Q(x) - y)^2`` with ``c >= 0``
-       (trust-region reflective, analytic Jacobian).
-
-    Returns ``(numerator[6], denominator[4], max_abs_error)`` where the error is ``max |F(x) - target(x)|``
-    over the fit grid and the denominator is returned as ``|b_i|``.
-    """
-    from scipy.optimize import least_squares, lsq_linear
-
-    x = fit_grid(points).numpy()
-    y = target(torch.from_numpy(x)).to(torch.float64).numpy()
-    vander = np.stack([x**i for i in range(5)], axis=1)  # [N, 5]: x^0..x^4 (a_5 is tied to c_4)
-    abs_pow = np.stack([np.abs(x) ** i for i in range(1, 5)], axis=1)  # [N, 4]: |x|^1..|x|^4
-    tied = slope * x**5  # d P / d c_4 through a_5 = slope * c_4
-    lower = np.r_[np.full(5, -np.inf), np.zeros(4)]  # params: a_0..a_4, c_1..c_4
-
-    def numerator(p: np.ndarray) -> np.ndarray:
-        return vander @ p[:5] + tied * p[8]
-
+    vander = np.stack([x**i for i in range(5)], axis=1)
+    abs_pow = np.stack([np.abs(x) ** i for i in range(1, 5)], axis=1)
+    lower = np.r_[np.full(5, -np.inf), np.zeros(4)]
     q = np.ones_like(x)
     params = np.zeros(9)
     for _ in range(sk_iterations):
         design = np.concatenate([vander, -y[:, None] * abs_pow], axis=1)
-        design[:, 8] += tied
+        design[:, 8] += slope * x**5
         params = lsq_linear(design / q[:, None], y / q, bounds=(lower, np.inf), method="bvls", tol=1e-14).x
         q = 1.0 + abs_pow @ params[5:]
+    return params
+
+
+def fit_rational(
+    target: Callable[[torch.Tensor], torch.Tensor],
+    slope_bounds: tuple[float, float],
+    *,
+    points: int = FIT_POINTS,
+    sk_iterations: int = 20,
+    slope_starts: int = 5,
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    r"""Least-squares fit of the safe-form rational to ``target`` on [-3, 3] (float64, deterministic).
+
+    The denominator is written Q(x) = 1 + sum_i c_i |x|^i with c_i = |b_i| >= 0 and the leading numerator
+    coefficient as a_5 = s * c_4, so F(x) ~ s * x for large |x| with the slope s kept in ``slope_bounds``
+    (see :data:`SLOPE_BOUNDS`): the preset grows at most linearly outside the fit range (an unconstrained GELU
+    fit drives c_4 to 0, grows like x^2 and overflows fp16 at |x| = 1e4). Stages:
+
+    1. for ``slope_starts`` slopes evenly spaced in ``slope_bounds``, a Sanathanan-Koerner iteration: repeatedly
+       solve the *linear* least-squares problem ``min || (P(x) - y Q(x)) / Q_prev(x) ||`` with ``c >= 0``
+       (bounded-variable least squares), which needs no starting guess;
+    2. from the best of those, nonlinear least squares ``min sum (P(x)/Q(x) - y)^2`` over
+       (a_0..a_4, c_1..c_4, s) with ``c >= 0`` and s in its bounds (trust-region reflective, analytic Jacobian).
+
+    Returns ``(numerator[6], denominator[4], max_abs_error)`` where the error is ``max |F(x) - target(x)|``
+    over the fit grid and the denominator is returned as ``|b_i|``.
+    """
+    from scipy.optimize import least_squares
+
+    lo, hi = slope_bounds
+    x = fit_grid(points).numpy()
+    y = target(torch.from_numpy(x)).to(torch.float64).numpy()
+    vander = np.stack([x**i for i in range(5)], axis=1)  # [N, 5]: x^0..x^4 (a_5 is s * c_4)
+    abs_pow = np.stack([np.abs(x) ** i for i in range(1, 5)], axis=1)  # [N, 4]: |x|^1..|x|^4
+    x5 = x**5
+
+    def numerator(p: np.ndarray) -> np.ndarray:  # p = (a_0..a_4, c_1..c_4, s)
+        return vander @ p[:5] + p[9] * p[8] * x5
 
     def residual(p: np.ndarray) -> np.ndarray:
-        return numerator(p) / (1.0 + abs_pow @ p[5:]) - y
+        return numerator(p) / (1.0 + abs_pow @ p[5:9]) - y
 
     def jacobian(p: np.ndarray) -> np.ndarray:
-        qq = 1.0 + abs_pow @ p[5:]
-        jac = np.concatenate([vander / qq[:, None], -(numerator(p) / qq**2)[:, None] * abs_pow], axis=1)
-        jac[:, 8] += tied / qq
+        qq = 1.0 + abs_pow @ p[5:9]
+        jac = np.concatenate(
+            [vander / qq[:, None], -(numerator(p) / qq**2)[:, None] * abs_pow, (p[8] * x5 / qq)[:, None]], axis=1
+        )
+        jac[:, 8] += p[9] * x5 / qq
         return jac
 
-    if polish:
+    slopes = [lo] if hi == lo else list(np.linspace(lo, hi, slope_starts))
+    starts = [np.r_[_fit_fixed_slope(x, y, s, sk_iterations), s] for s in slopes]
+    params = min(starts, key=lambda p: float(np.abs(residual(p)).max()))
+    if hi > lo:
+        lower = np.r_[np.full(5, -np.inf), np.zeros(4), lo]
+        upper = np.r_[np.full(9, np.inf), hi]
         params = least_squares(
-            residual, params, jac=jacobian, bounds=(lower, np.inf), method="trf",
+            residual, params, jac=jacobian, bounds=(lower, upper), method="trf",
             ftol=1e-15, xtol=1e-15, gtol=1e-15, max_nfev=5000,
         ).x
+    else:
+        fixed = params[9]
+        params = np.r_[
+            least_squares(
+                lambda p: residual(np.r_[p, fixed]), params[:9], jac=lambda p: jacobian(np.r_[p, fixed])[:, :9],
+                bounds=(np.r_[np.full(5, -np.inf), np.zeros(4)], np.inf), method="trf",
+                ftol=1e-15, xtol=1e-15, gtol=1e-15, max_nfev=5000,
+            ).x,
+            fixed,
+        ]
     err = float(np.abs(residual(params)).max())
-    num = torch.from_numpy(np.r_[params[:5], slope * params[8]])
-    return num, torch.from_numpy(params[5:].copy()), err
+    num = torch.from_numpy(np.r_[params[:5], params[9] * params[8]])
+    return num, torch.from_numpy(params[5:9].copy()), err
 
 
 def variance_preserving_gain_sq(numerator: torch.Tensor, denominator: torch.Tensor, nodes: int = 200) -> float:
@@ -337,7 +365,7 @@ def _fit_all() -> dict[str, RationalPreset]:
             b = torch.zeros(4, dtype=torch.float64)
             err = 0.0
         else:
-            a, b, err = fit_rational(fn, ASYMPTOTIC_SLOPE[name])
+            a, b, err = fit_rational(fn, SLOPE_BOUNDS[name])
         out[name] = RationalPreset(
             name=name,
             numerator=tuple(float(v) for v in a),  # type: ignore[arg-type]
