@@ -16,8 +16,9 @@ autograd through the pure-PyTorch formula), ``cpu`` (fused CPU path, ``torch.com
 Modes: ``fwd`` (forward, no graph), ``bwd`` (backward only: ``torch.autograd.grad`` of a retained graph w.r.t. x and
 the coefficients), ``full`` (forward + backward).
 
-Each number is the median of ``--repeats`` runs after warm-up; providers are interleaved run by run so load changes
-hit all alike (CPU numbers on a shared machine are noisy: read the ratios to GELU). On CUDA the script also measures
+Each number is the median of ``--repeats`` runs after warm-up (the minimum is reported too); providers are
+interleaved run by run so load changes hit all alike. CPU numbers on a shared machine are noisy: read the ratios to
+GELU, and on a loaded machine use ``--threads 1 --clock cpu`` (thread CPU time instead of wall time). On CUDA the script also measures
 the copy bandwidth (a large device-to-device copy: bytes read + written over time) and reports, per row, the
 memory-traffic floor (bytes the op must read and write: fwd x + out, bwd x + grad_out + grad_x, full both; the
 coefficients are negligible) over that bandwidth, and the fraction of the floor reached (floor / measured).
@@ -91,8 +92,15 @@ def _runner(provider: str, mode: str, x, num, den, grad_out) -> Callable[[], Non
     return run
 
 
-def _time_interleaved(runs: dict[str, Callable[[], None]], repeats: int, warmup: int, device: str) -> dict:
-    """(median, min) seconds per run, providers interleaved round by round."""
+def _time_interleaved(
+    runs: dict[str, Callable[[], None]], repeats: int, warmup: int, device: str, clock: str = "wall"
+) -> dict:
+    """(median, min) seconds per run, providers interleaved round by round.
+
+    ``clock="cpu"`` (CPU only, with one torch thread) times the CPU time of the calling thread
+    (``time.thread_time``), which time spent waiting for a core on a loaded machine does not inflate.
+    """
+    now = time.thread_time if clock == "cpu" else time.perf_counter
     for run in runs.values():
         for _ in range(warmup):
             run()
@@ -108,9 +116,9 @@ def _time_interleaved(runs: dict[str, Callable[[], None]], repeats: int, warmup:
                 end.synchronize()
                 times[name].append(start.elapsed_time(end) / 1e3)
             else:
-                t0 = time.perf_counter()
+                t0 = now()
                 run()
-                times[name].append(time.perf_counter() - t0)
+                times[name].append(now() - t0)
     return {name: (statistics.median(ts), min(ts)) for name, ts in times.items()}
 
 
@@ -141,7 +149,7 @@ def bench_activations(args) -> list[dict]:
         grad_out = torch.randn_like(x)
         for mode in args.modes:
             runs = {p: _runner(p, mode, x, num, den, grad_out) for p in providers}
-            timings = _time_interleaved(runs, args.repeats, args.warmup, device)
+            timings = _time_interleaved(runs, args.repeats, args.warmup, device, args.clock)
             medians = {p: t[0] for p, t in timings.items()}
             elem_bytes = x.numel() * x.element_size()
             traffic = {"fwd": 2, "bwd": 3, "full": 5}[mode] * elem_bytes
@@ -220,6 +228,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per cell (default 50 CUDA, 15 CPU)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's default)")
+    parser.add_argument(
+        "--clock",
+        choices=("wall", "cpu"),
+        default="wall",
+        help="cpu: thread CPU time (CPU device with --threads 1; robust on a loaded machine)",
+    )
     parser.add_argument("--model-step", action="store_true", help="also time a KAT-T vs ViT-T training step")
     parser.add_argument("--csv", help="write all rows to this CSV file")
     args = parser.parse_args(argv)
@@ -231,10 +245,12 @@ def main(argv: list[str] | None = None) -> int:
     args.repeats = args.repeats or (50 if cuda else 15)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.clock == "cpu" and (cuda or torch.get_num_threads() != 1):
+        parser.error("--clock cpu needs --device cpu and --threads 1 (all work on the timed thread)")
     card = torch.cuda.get_device_name() if cuda else platform.processor() or platform.machine()
     print(
         f"# device={args.device} ({card}) torch={torch.__version__} threads={torch.get_num_threads()} "
-        f"batch={args.batch}x{args.tokens} dtype={args.dtype} repeats={args.repeats}"
+        f"batch={args.batch}x{args.tokens} dtype={args.dtype} repeats={args.repeats} clock={args.clock}"
     )
     rows = bench_activations(args)
     if args.model_step:

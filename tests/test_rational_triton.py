@@ -337,3 +337,24 @@ def test_cuda_second_device(monkeypatch):
     got = _run_kernel(x, num, den, grad_out)
     _assert_all_close(got, _float64_reference(x, num, den, grad_out), tol=2e-6)
     assert got[0].device == x.device
+
+
+@pytest.mark.slow
+def test_torch_compile_puts_the_kernels_in_one_graph(monkeypatch):
+    """Under ``torch.compile(fullgraph=True)`` (no graph break allowed) the Triton path matches eager."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    x = torch.randn(2, 9, 24)
+    num, den = _coefficients(4, True, "cpu")
+    grad_out = torch.randn_like(x)
+
+    def model(x, num, den):
+        return rt.rational_triton(x * 1.5, num, den).sum(-1)
+
+    results = []
+    for fn in (model, torch.compile(model, fullgraph=True)):
+        xk, nk, dk = (t.clone().requires_grad_(True) for t in (x, num, den))
+        out = fn(xk, nk, dk)
+        out.backward(grad_out.sum(-1))
+        results.append((out.detach(), xk.grad, nk.grad, dk.grad))
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)

@@ -510,12 +510,62 @@ def rational_backward(
     return grad_x, grad_num.to(numerator.dtype), grad_den.to(denominator.dtype)
 
 
+# The launchers as opaque PyTorch operators: ``torch.compile`` of a model that uses this backend puts them in its
+# graph as single nodes (shapes from the fake implementations) instead of tracing Triton launches or breaking the
+# graph. Outputs that were not asked for come back as empty tensors (operators cannot return None).
+@torch.library.custom_op("hf_kan::rational_triton_forward", mutates_args=())
+def _forward_op(x: torch.Tensor, numerator: torch.Tensor, denominator: torch.Tensor, channel_dim: int) -> torch.Tensor:
+    return rational_forward(x, numerator, denominator, channel_dim=channel_dim)
+
+
+@_forward_op.register_fake
+def _(x, numerator, denominator, channel_dim):
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+
+
+@torch.library.custom_op("hf_kan::rational_triton_backward", mutates_args=())
+def _backward_op(
+    grad_out: torch.Tensor,
+    x: torch.Tensor,
+    numerator: torch.Tensor,
+    denominator: torch.Tensor,
+    channel_dim: int,
+    deterministic: bool,
+    compute_dx: bool,
+    compute_coef: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    grad_x, grad_num, grad_den = rational_backward(
+        grad_out,
+        x,
+        numerator,
+        denominator,
+        channel_dim=channel_dim,
+        deterministic=deterministic,
+        compute_dx=compute_dx,
+        compute_coef=compute_coef,
+    )
+    nothing = x.new_empty(0)
+    return (
+        grad_x if grad_x is not None else nothing,
+        grad_num if grad_num is not None else nothing.clone(),
+        grad_den if grad_den is not None else nothing.clone(),
+    )
+
+
+@_backward_op.register_fake
+def _(grad_out, x, numerator, denominator, channel_dim, deterministic, compute_dx, compute_coef):
+    def like(t, wanted):
+        return torch.empty(t.shape if wanted else (0,), dtype=t.dtype if wanted else x.dtype, device=x.device)
+
+    return like(x, compute_dx), like(numerator, compute_coef), like(denominator, compute_coef)
+
+
 class RationalFunction(torch.autograd.Function):
     """Autograd wrapper: Triton forward, Triton backward; saves only ``x`` and the coefficients."""
 
     @staticmethod
     def forward(ctx, x, numerator, denominator, channel_dim=-1, deterministic=False):
-        out = rational_forward(x, numerator, denominator, channel_dim=channel_dim)
+        out = _forward_op(x, numerator, denominator, channel_dim)
         ctx.save_for_backward(x, numerator, denominator)
         ctx.channel_dim = channel_dim
         ctx.deterministic = deterministic
@@ -525,17 +575,10 @@ class RationalFunction(torch.autograd.Function):
     def backward(ctx, grad_out):
         x, numerator, denominator = ctx.saved_tensors
         need_x, need_num, need_den = ctx.needs_input_grad[:3]
-        grad_x, grad_num, grad_den = rational_backward(
-            grad_out,
-            x,
-            numerator,
-            denominator,
-            channel_dim=ctx.channel_dim,
-            deterministic=ctx.deterministic,
-            compute_dx=need_x,
-            compute_coef=need_num or need_den,
+        grad_x, grad_num, grad_den = _backward_op(
+            grad_out, x, numerator, denominator, ctx.channel_dim, ctx.deterministic, need_x, need_num or need_den
         )
-        return grad_x, grad_num if need_num else None, grad_den if need_den else None, None, None
+        return grad_x if need_x else None, grad_num if need_num else None, grad_den if need_den else None, None, None
 
 
 def rational_triton(
