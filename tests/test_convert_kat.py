@@ -123,6 +123,23 @@ def test_converted_logits_equal_independent_timm_forward(tmp_path, fmt, shared):
     torch.testing.assert_close(logits64, expected, rtol=1e-10, atol=1e-10)
 
 
+def test_training_checkpoint_with_args_and_ema(tmp_path):
+    """A timm training checkpoint: optimizer-free dict with an argparse.Namespace and EMA weights."""
+    import argparse
+
+    sd = synthetic_timm_state_dict()
+    other = {k: v + 1.0 for k, v in sd.items()}
+    src = tmp_path / "last.pth.tar"
+    torch.save({"epoch": 299, "args": argparse.Namespace(lr=1e-3, model="kat_tiny"), "state_dict": other,
+                "state_dict_ema": sd}, src)
+    model = convert_kat_checkpoint(src, tmp_path / "ema", num_attention_heads=HEADS, use_ema=True)
+    pixels = torch.randn(2, 3, IMAGE, IMAGE)
+    with torch.no_grad():
+        torch.testing.assert_close(model(pixels).logits.double(), timm_forward(sd, pixels), rtol=1e-4, atol=1e-4)
+    plain = convert_kat_checkpoint(src, tmp_path / "plain", num_attention_heads=HEADS)
+    torch.testing.assert_close(plain.kat.embeddings.cls_token, other["cls_token"])
+
+
 def test_cli_writes_model_processor_and_card(tmp_path):
     sd = synthetic_timm_state_dict()
     src = tmp_path / "kat_tiny_patch16_224_1f3ad3b2e698.pth"  # published-looking name, but not the published shapes

@@ -73,7 +73,8 @@ _BLOCK_RULES: tuple[tuple[str, str], ...] = (
 def load_timm_state_dict(path: str | Path, use_ema: bool = False) -> dict[str, torch.Tensor]:
     """Read a checkpoint file into a flat ``{key: tensor}`` dict (no network, no pickle execution).
 
-    ``.safetensors`` files are read with safetensors; anything else with ``torch.load(weights_only=True)``.
+    ``.safetensors`` files are read with safetensors; anything else with ``torch.load(weights_only=True)``
+    (``argparse.Namespace`` allowed, for the ``"args"`` entry of timm training checkpoints).
     Wrappers ``"model"`` / ``"state_dict"`` (or, with ``use_ema``, ``"state_dict_ema"`` / ``"model_ema"``)
     are unwrapped, and a ``"module."`` prefix on every key is removed.
     """
@@ -86,7 +87,10 @@ def load_timm_state_dict(path: str | Path, use_ema: bool = False) -> dict[str, t
         obj: Any = load_file(str(path), device="cpu")
     else:
         try:
-            obj = torch.load(str(path), map_location="cpu", weights_only=True)
+            # timm training checkpoints also hold the run's argparse.Namespace ("args"); allow that one plain
+            # attribute container, nothing else
+            with torch.serialization.safe_globals([argparse.Namespace]):
+                obj = torch.load(str(path), map_location="cpu", weights_only=True)
         except Exception as exc:  # unpickling refused or corrupt file: say what to do
             raise ConversionError(
                 f"could not read {str(path)!r} with torch.load(weights_only=True): {exc}. The converter only reads "
