@@ -18,10 +18,12 @@ the coefficients), ``full`` (forward + backward).
 
 Each number is the median of ``--repeats`` runs after warm-up (the minimum is reported too); providers are
 interleaved run by run so load changes hit all alike. CPU numbers on a shared machine are noisy: read the ratios to
-GELU, and on a loaded machine use ``--threads 1 --clock cpu`` (thread CPU time instead of wall time). On CUDA the script also measures
-the copy bandwidth (a large device-to-device copy: bytes read + written over time) and reports, per row, the
-memory-traffic floor (bytes the op must read and write: fwd x + out, bwd x + grad_out + grad_x, full both; the
-coefficients are negligible) over that bandwidth, and the fraction of the floor reached (floor / measured).
+GELU, and on a loaded machine use ``--threads 1 --clock cpu`` (thread CPU time instead of wall time).
+
+On CUDA the script also measures the copy bandwidth (a large device-to-device copy: bytes read + written over
+time) and reports, per row, the memory-traffic floor (bytes the op must read and write: fwd x + out, bwd
+x + grad_out + grad_x, full both; the coefficients are negligible) over that bandwidth, and the fraction of the
+floor reached (floor / measured).
 """
 
 from __future__ import annotations
