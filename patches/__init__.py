@@ -12,6 +12,8 @@ from .api import apply, detach, from_pretrained, status
 from .cache import HFKanCache, KVLedger
 from .config import MMAConfig, PatchConfig
 from .dropping import drop_tokens, drop_visual
+from .dyvte import exit_layers, mask_visual_after
+from .dyvte_config import DyVTEConfig
 from .efficiency import EfficiencyReport, efficiency_report
 from .families import ADAPTERS, adapter_for
 from .layout import IMAGE, PAD, TEXT, VIDEO, TokenLayout
@@ -31,6 +33,7 @@ __all__ = [
     "PAD",
     "TEXT",
     "VIDEO",
+    "DyVTEConfig",
     "EfficiencyReport",
     "ForwardState",
     "HFKanCache",
@@ -48,9 +51,11 @@ __all__ = [
     "drop_tokens",
     "drop_visual",
     "efficiency_report",
+    "exit_layers",
     "find_sink_dims",
     "from_pretrained",
     "kept_token_grid",
+    "mask_visual_after",
     "padding_cache",
     "plot_kept_tokens",
     "sink_dim_scores",

@@ -9,6 +9,8 @@ from torch import nn
 
 from ..errors import HFKanConfigError, UnsupportedModelError
 from .config import CONFIG_ATTRIBUTE, MMAConfig, PatchConfig, _parse_sub
+from .dyvte import attach_routers, router_hook
+from .dyvte_config import DyVTEConfig, resolve_dyvte
 from .families import adapter_for
 from .hooks import LayerHooks, ModelHook, check_implementation, is_flash
 from .pruning_config import PruneConfig, resolve_prune
@@ -52,15 +54,16 @@ def _resolve_mma(value, current: MMAConfig | None, template_source, vocab_size: 
 
 
 def apply(model: nn.Module, *, mma: bool | dict | MMAConfig | None = None, var: bool | dict | VARConfig | None = None,
-          prune: bool | str | dict | PruneConfig | None = None, processor: Any = None,
-          tokenizer: Any = None) -> PatchConfig:
+          prune: bool | str | dict | PruneConfig | None = None, dyvte: bool | dict | DyVTEConfig | None = None,
+          processor: Any = None, tokenizer: Any = None) -> PatchConfig:
     """Apply or change hf_kan patches on a loaded model; returns the resulting ``PatchConfig``.
 
     Each patch argument is ``None`` (leave as configured), ``False`` (off), ``True`` (on with defaults), a dict of
     options or a config dataclass. ``processor`` / ``tokenizer`` supply the chat template from which MMA's
     assistant-turn opener is derived; VAR without ``sink_dims`` finds them with ``find_sink_dims(model)`` (one
     first-token forward) and stores its default layers explicitly; ``prune`` takes ``"fastv"``, ``"pdrop"``, a dict
-    (``{"method": "pdrop", "keep_ratios": [...]}``) or a ``PruneConfig``. The text model's attention is switched to
+    (``{"method": "pdrop", "keep_ratios": [...]}``) or a ``PruneConfig``; ``dyvte`` attaches DyVTE routers to the
+    model (restoring saved ones, see ``dyvte.attach_routers``). The text model's attention is switched to
     ``"hf_kan"`` (the vision tower is left as it is), the config is stored JSON-serialisably as ``config.text_config.hf_kan`` (saved by
     ``save_pretrained``), and the model and decoder-layer hooks are attached once. Calling ``apply(model)`` with no
     arguments after ``from_pretrained`` re-attaches the hooks for the saved configuration.
@@ -78,6 +81,9 @@ def apply(model: nn.Module, *, mma: bool | dict | MMAConfig | None = None, var: 
                                               getattr(text_config, "vocab_size", None)))
     config = config.replace(var=resolve_var(var, current.var, model, len(adapter.decoder_layers(model))))
     config = config.replace(prune=resolve_prune(prune, current.prune, len(adapter.decoder_layers(model))))
+    config = config.replace(dyvte=resolve_dyvte(dyvte, current.dyvte, len(adapter.decoder_layers(model)),
+                                                text_config.hidden_size))
+    attach_routers(model, config.dyvte)
     impl = text_config._attn_implementation
     if is_flash(impl):
         check_implementation(config, impl)
@@ -94,6 +100,7 @@ def apply(model: nn.Module, *, mma: bool | dict | MMAConfig | None = None, var: 
             hooks = LayerHooks(i)
             handles.append(layer.register_forward_pre_hook(hooks.before, with_kwargs=True))
             handles.append(layer.register_forward_hook(hooks.after, with_kwargs=True))
+        handles.append(model.register_forward_pre_hook(router_hook, with_kwargs=True))  # after ModelHook
         object.__setattr__(model, _HANDLES, handles)
     return config
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import HFKanConfigError
+from .dyvte_config import DyVTEConfig
 from .pruning_config import PruneConfig
 from .var_config import VARConfig
 
@@ -59,7 +60,7 @@ class MMAConfig:
         return {"assistant_token_ids": list(self.assistant_token_ids), "modalities": list(self.modalities)}
 
 
-_PATCH_CLASSES: dict[str, type] = {"mma": MMAConfig, "var": VARConfig, "prune": PruneConfig}
+_PATCH_CLASSES: dict[str, type] = {"mma": MMAConfig, "var": VARConfig, "prune": PruneConfig, "dyvte": DyVTEConfig}
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,7 @@ class PatchConfig:
     mma: MMAConfig | None = None
     var: VARConfig | None = None
     prune: PruneConfig | None = None
+    dyvte: DyVTEConfig | None = None
 
     @property
     def active(self) -> tuple[str, ...]:
