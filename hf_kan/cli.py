@@ -16,6 +16,7 @@ from collections.abc import Sequence
 SUBCOMMAND_MODULES: tuple[str, ...] = (
     "hf_kan.models.kat.convert_kat_timm",
     "hf_kan.moh.train",
+    "hf_kan.patches.dyvte_train",
     "hf_kan.patches.pruning_calibrate",
     "hf_kan.patches.var_calibrate",
 )
