@@ -132,15 +132,18 @@ def plot_var(model: nn.Module, inputs: dict, path: str | Path, layer: int, head:
     fig, axes = plt.subplots(1, 3, figsize=(12, 4.4))
     vmax = float(max(maps["before"].max(), maps["after"].max())) or 1.0
     panels = (("sink tokens", None), ("attention before VAR", "before"), ("attention after VAR", "after"))
+    grey = canvas.astype(float).mean(-1) if canvas.ndim == 3 else canvas.astype(float)
+    r, c = maps["sinks"].shape
     for ax, (title, key) in zip(axes, panels):
-        ax.imshow(canvas, extent=extent)
         if key is None:
-            r, c = maps["sinks"].shape
-            for i, j in maps["sinks"].nonzero().tolist():
-                ax.add_patch(plt.Rectangle((j * w / c, i * h / r), w / c, h / r, fill=False, edgecolor="red", lw=2))
-        else:
-            im = ax.imshow(maps[key].numpy(), extent=extent, alpha=0.6, cmap="inferno", vmin=0.0, vmax=vmax,
+            ax.imshow(canvas, extent=extent)
+        else:  # the heat map over a grey copy of the image, so colours read as attention only
+            ax.imshow(grey, extent=extent, cmap="gray")
+            im = ax.imshow(maps[key].numpy(), extent=extent, alpha=0.75, cmap="inferno", vmin=0.0, vmax=vmax,
                            interpolation="nearest")
+        for i, j in maps["sinks"].nonzero().tolist():
+            ax.add_patch(plt.Rectangle((j * w / c, i * h / r), w / c, h / r, fill=False, edgecolor="red",
+                                       lw=2 if key is None else 1, linestyle="-" if key is None else ":"))
         ax.set_title(title)
         ax.axis("off")
     fig.colorbar(im, ax=list(axes[1:]), fraction=0.03)
