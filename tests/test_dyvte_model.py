@@ -268,3 +268,44 @@ def test_labels_are_refused_when_routers_can_exit():
     inputs = V.make_inputs("llava", PROMPTS, "left")
     with pytest.raises(InputLayoutError, match="labels"):
         model(**inputs, labels=inputs["input_ids"])
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_5_vl"])
+def test_exit_after_pruning_decodes_like_masked_full_forward(family):
+    """FastV-style pruning at layer 1 (keep 50%) then a DyVTE exit after layer 1: layer 0 sees every key, layer 1
+    the kept visual tokens, layer 2 no visual token; cached generate equals sdpa with those masks."""
+    model = dyvte(family, force_exit_layer=1)
+    P.apply(model, prune={"layers": [1], "keep_ratios": [0.5]})
+    inputs = V.make_inputs(family, PROMPTS, "left")
+    try:
+        gen = model.generate(**inputs, **GEN)
+    finally:
+        P.apply(model, prune=False)
+    state = gen.cache.hf_kan_prefill_state
+    kept = state.scratch["prune"]["kept"][0]
+    assert P.exit_layers(gen).tolist() == [1, 1]
+    full = extend(inputs, gen.sequences[:, :-1])
+    prompt_len = inputs["input_ids"].shape[1]
+    ref = model_for(family, "sdpa")
+    am = full["attention_mask"].bool()
+    t = am.shape[1]
+    eye = torch.eye(t, dtype=torch.bool)[None]
+    base = (torch.ones(t, t, dtype=torch.bool).tril()[None] & am[:, None, :]) | eye
+    keep_key = torch.arange(t)[None].expand(2, -1) >= prompt_len
+    for b in range(2):
+        keep_key[b, kept[b][kept[b] >= 0]] = True
+    text_key = full["input_ids"] != V.IMAGE
+    masks = [base, (base & keep_key[:, None, :]) | eye, (base & keep_key[:, None, :] & text_key[:, None, :]) | eye]
+    handles = [layer.self_attn.register_forward_pre_hook(
+        lambda mod, args, kwargs, m=m[:, None]: (args, {**kwargs, "attention_mask": m}), with_kwargs=True)
+        for layer, m in zip(ref.model.language_model.layers, masks)]
+    try:
+        with torch.no_grad():
+            expected = ref(**full).logits
+    finally:
+        for h in handles:
+            h.remove()
+    for step, logits in enumerate(gen.logits):
+        torch.testing.assert_close(logits, expected[:, prompt_len - 1 + step], rtol=1e-4, atol=1e-4)
+    widths = [lay.keys.shape[2] for lay in gen.cache.layers]
+    assert widths[0] > widths[1] > widths[2]
