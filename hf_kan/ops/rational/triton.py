@@ -65,6 +65,13 @@ _N_SUMS = NUMERATOR_TERMS + DENOMINATOR_TERMS  # ten partial sums per group
 _MAX_GRID_Z = 65535  # CUDA limit of the third grid dimension (batch of channels-first inputs)
 
 
+# ``tl.sum`` is itself a ``@triton.jit`` helper, which Triton's interpreter can only run when ``triton.language`` was
+# imported under TRITON_INTERPRET=1 (and, run as a device function, it leaves interpreter patches behind). Reducing
+# with the builtin ``tl.reduce`` and the standard-library sum combiner is what ``tl.sum`` does for fp32, works in
+# both modes in any process, and lets the interpreter use ``numpy.sum``.
+_SUM = tl.standard._sum_combine
+
+
 def _rational_fwd_kernel(
     x_ptr,
     out_ptr,
@@ -223,27 +230,27 @@ def _rational_bwd_kernel(
         program = batch_offset + pid_b * n_row_programs + pid_r
         slot = partial_ptr + program * partial_stride_p + g * 10
         if ATOMIC:
-            tl.atomic_add(slot + 0, tl.sum(acc_a0))
-            tl.atomic_add(slot + 1, tl.sum(acc_a1))
-            tl.atomic_add(slot + 2, tl.sum(acc_a2))
-            tl.atomic_add(slot + 3, tl.sum(acc_a3))
-            tl.atomic_add(slot + 4, tl.sum(acc_a4))
-            tl.atomic_add(slot + 5, tl.sum(acc_a5))
-            tl.atomic_add(slot + 6, tl.sum(acc_b1))
-            tl.atomic_add(slot + 7, tl.sum(acc_b2))
-            tl.atomic_add(slot + 8, tl.sum(acc_b3))
-            tl.atomic_add(slot + 9, tl.sum(acc_b4))
+            tl.atomic_add(slot + 0, tl.reduce(acc_a0, None, _SUM))
+            tl.atomic_add(slot + 1, tl.reduce(acc_a1, None, _SUM))
+            tl.atomic_add(slot + 2, tl.reduce(acc_a2, None, _SUM))
+            tl.atomic_add(slot + 3, tl.reduce(acc_a3, None, _SUM))
+            tl.atomic_add(slot + 4, tl.reduce(acc_a4, None, _SUM))
+            tl.atomic_add(slot + 5, tl.reduce(acc_a5, None, _SUM))
+            tl.atomic_add(slot + 6, tl.reduce(acc_b1, None, _SUM))
+            tl.atomic_add(slot + 7, tl.reduce(acc_b2, None, _SUM))
+            tl.atomic_add(slot + 8, tl.reduce(acc_b3, None, _SUM))
+            tl.atomic_add(slot + 9, tl.reduce(acc_b4, None, _SUM))
         else:
-            tl.store(slot + 0, tl.sum(acc_a0))
-            tl.store(slot + 1, tl.sum(acc_a1))
-            tl.store(slot + 2, tl.sum(acc_a2))
-            tl.store(slot + 3, tl.sum(acc_a3))
-            tl.store(slot + 4, tl.sum(acc_a4))
-            tl.store(slot + 5, tl.sum(acc_a5))
-            tl.store(slot + 6, tl.sum(acc_b1))
-            tl.store(slot + 7, tl.sum(acc_b2))
-            tl.store(slot + 8, tl.sum(acc_b3))
-            tl.store(slot + 9, tl.sum(acc_b4))
+            tl.store(slot + 0, tl.reduce(acc_a0, None, _SUM))
+            tl.store(slot + 1, tl.reduce(acc_a1, None, _SUM))
+            tl.store(slot + 2, tl.reduce(acc_a2, None, _SUM))
+            tl.store(slot + 3, tl.reduce(acc_a3, None, _SUM))
+            tl.store(slot + 4, tl.reduce(acc_a4, None, _SUM))
+            tl.store(slot + 5, tl.reduce(acc_a5, None, _SUM))
+            tl.store(slot + 6, tl.reduce(acc_b1, None, _SUM))
+            tl.store(slot + 7, tl.reduce(acc_b2, None, _SUM))
+            tl.store(slot + 8, tl.reduce(acc_b3, None, _SUM))
+            tl.store(slot + 9, tl.reduce(acc_b4, None, _SUM))
 
 
 # Runtime arguments that depend on the batch size / sequence length / spatial size: never specialised, so a new
@@ -272,28 +279,9 @@ def _kernels(interpret: bool):
     )
 
 
-@contextlib.contextmanager
 def _launch_context(t: torch.Tensor, interpret: bool):
-    """Device guard for CUDA launches; for interpreted launches, make ``tl.sum`` interpretable.
-
-    Triton's interpreter can run the standard-library ``@triton.jit`` helpers (``tl.sum``) only when
-    ``triton.language`` itself was imported under ``TRITON_INTERPRET=1``. In a process that imported Triton
-    normally first (PyTorch and other libraries do), ``tl.sum`` is swapped for an interpreted wrapper of the same
-    function for the duration of the launch - the same scoped patching the interpreter applies to every builtin.
-    """
-    if t.is_cuda and not interpret:
-        with torch.cuda.device(t.device):
-            yield
-        return
-    from triton.runtime.interpreter import InterpretedFunction
-
-    original = tl.sum
-    if not isinstance(original, InterpretedFunction):
-        tl.sum = InterpretedFunction(original.fn)
-    try:
-        yield
-    finally:
-        tl.sum = original
+    """Device guard for compiled CUDA launches (the interpreter needs none)."""
+    return torch.cuda.device(t.device) if t.is_cuda and not interpret else contextlib.nullcontext()
 
 
 def check_triton_inputs(x: torch.Tensor) -> None:
