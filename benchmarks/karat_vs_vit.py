@@ -17,6 +17,8 @@ image size, patch size and batch):
 
 Step time: one training step (forward, cross-entropy backward, AdamW step), median over ``--repeats`` runs after a
 warm-up, with the models interleaved round by round in one process so that load changes hit all of them alike.
+It runs with ``--threads`` intra-op threads (default 1: on a loaded 2-core machine, waiting at the barriers of two
+threads made every step 10-80x slower and the ratios meaningless).
 
 Peak memory: each model is measured in its own fresh subprocess (so one model's freed memory cannot hide
 another's; two children run at a time). The child builds the model and optimizer, runs one warm-up step
@@ -157,7 +159,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--patch-size", type=int, default=16)
-    parser.add_argument("--repeats", type=int, default=5, help="timed steps per model (median reported)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed steps per model (median reported)")
+    parser.add_argument(
+        "--threads", type=int, default=1,
+        help="intra-op threads for the timing (default 1: on a shared machine, multi-thread barriers dominate)",
+    )
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--skip-time", action="store_true", help="only measure memory")
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
@@ -170,6 +176,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
+    torch.set_num_threads(args.threads)
     n_tokens = (args.image_size // args.patch_size) ** 2 + 1
     print(
         f"KArAt-T (G3B) vs ViT-T: image {args.image_size}, patch {args.patch_size} (N={n_tokens}), "
