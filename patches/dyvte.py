@@ -289,6 +289,10 @@ def attach_routers(model: nn.Module, config: DyVTEConfig | None, checkpoint=None
         untrained = sorted(int(k) for k in fresh.routers if k not in loaded and k not in reused)
         if untrained:
             logger.warning("DyVTE: no saved router for layer(s) %s; they start untrained (never exit)", untrained)
+    elif len(reused) < len(fresh.routers):
+        logger.warning("DyVTE: routers for layer(s) %s are new and untrained (p(exit) = 0.5: they never exit at "
+                       "threshold 0.5); train them with `hf-kan dyvte-train` or dyvte_train.train_routers",
+                       sorted(int(k) for k in fresh.routers if k not in reused))
     model.add_module(ROUTERS_ATTRIBUTE, fresh)
     return fresh
 
