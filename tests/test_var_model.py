@@ -317,3 +317,23 @@ def test_plot_var_writes_the_picture(tmp_path):
         assert (maps["after"] - maps["before"]).abs().max() > 0
     else:
         assert torch.equal(maps["after"], maps["before"])
+
+
+def test_sink_table_follows_beam_search():
+    """Beam search reorders the cache (and with it the ledger's sink table) every step; cached beams must equal
+    beams recomputed without a cache."""
+    model = var_model("llava")
+    inputs = V.make_inputs("llava", PROMPTS, "left")
+    kw = dict(max_new_tokens=3, num_beams=2, do_sample=False, suppress_tokens=V.SUPPRESS)
+    with record_var(model) as trace:
+        cached = model.generate(**inputs, **kw)
+    assert n_selected(trace, 2) > 0
+    full = model.generate(**inputs, use_cache=False, **kw)
+    assert torch.equal(cached, full)
+    ledger = P.HFKanCache(config=model.config.text_config).ledger
+    ledger.token_data["var_sink"] = torch.arange(12).reshape(2, 6, 1) % 5 == 0
+    ledger.tokens = model(**inputs).cache.ledger.tokens.narrow(0, 6)
+    ledger.select_batch(torch.tensor([1, 1]))
+    assert ledger.token_data["var_sink"][:, :, 0].tolist() == [[False, False, False, False, True, False]] * 2
+    ledger.crop(2)
+    assert ledger.token_data["var_sink"].shape == (2, 4, 1)
