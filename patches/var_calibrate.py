@@ -108,9 +108,11 @@ def _run(args: argparse.Namespace) -> int:
 
     from . import apply
 
-    model = AutoModelForImageTextToText.from_pretrained(args.model_dir).eval()
+    model = AutoModelForImageTextToText.from_pretrained(args.model_dir, dtype="auto").eval()
+    if args.num_dims < 1:
+        raise HFKanConfigError(f"--num-dims must be a positive int, got {args.num_dims}")
     scores = sink_dim_scores(model)
-    dims = find_sink_dims(model, num_dims=args.num_dims)
+    dims = [int(i) for i in torch.topk(scores, min(args.num_dims, scores.numel())).indices]
     print(f"sink dimensions of {args.model_dir}: {dims}")
     for d in dims:
         print(f"  dim {d}: first-token |x_d / RMS(x)| = {float(scores[d]):.1f}")
