@@ -19,6 +19,8 @@ SUBCOMMAND_MODULES: tuple[str, ...] = (
     "hf_kan.patches.dyvte_train",
     "hf_kan.patches.pruning_calibrate",
     "hf_kan.patches.var_calibrate",
+    "hf_kan.train.image_classification",
+    "hf_kan.train.demo",
 )
 
 

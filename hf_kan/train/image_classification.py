@@ -195,8 +195,8 @@ def build_model(
     """An ``AutoModelForImageClassification`` for ``config`` with a head for ``label_names``."""
     id2label = dict(enumerate(label_names))
     label2id = {name: i for i, name in id2label.items()}
+    config.id2label, config.label2id = id2label, label2id
     if from_preset:
-        config.id2label, config.label2id = id2label, label2id
         try:
             return AutoModelForImageClassification.from_config(config)
         except ValueError as err:
@@ -204,9 +204,8 @@ def build_model(
                 f"preset {args.model!r} (model_type {config.model_type!r}) has no image-classification model "
                 f"registered with AutoModelForImageClassification: {err}"
             ) from err
-    return AutoModelForImageClassification.from_pretrained(
-        args.model, config=config, id2label=id2label, label2id=label2id, ignore_mismatched_sizes=True
-    )
+    # a different label count re-initialises the classifier head (reported by Transformers)
+    return AutoModelForImageClassification.from_pretrained(args.model, config=config, ignore_mismatched_sizes=True)
 
 
 def make_optimizer(model: torch.nn.Module, args: ImageClassificationArguments) -> torch.optim.AdamW:
