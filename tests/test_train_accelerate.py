@@ -24,7 +24,9 @@ def _free_port() -> int:
 @pytest.mark.slow
 def test_two_process_accelerate_launch(tmp_path):
     out = tmp_path / "run"
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_KAN_RATIONAL_CPU_COMPILE="0", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    # eager CPU rational: compiling it costs minutes on a loaded 2-core machine (the compiled path is tested elsewhere)
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_KAN_RATIONAL_CPU_COMPILE="0")
+    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     command = [
         sys.executable, "-m", "accelerate.commands.launch",
         "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
@@ -45,7 +47,7 @@ def test_two_process_accelerate_launch(tmp_path):
     # 1437 rows / 2 processes / batch 32 -> 23 steps per epoch (each process sees half of the data)
     assert metrics["steps"] == 4 * 23
     assert all(h["eval_samples"] == 359 for h in metrics["history"])
-    # Measured 0.86-0.9 after 4 epochs with this recipe (chance is 0.10)
+    # Measured 0.85 after 4 epochs with this recipe (chance is 0.10)
     assert metrics["best_eval_accuracy"] >= 0.75, metrics["history"]
     assert result.stdout.count("best_eval_accuracy") == 1  # the summary is printed by the main process only
 
