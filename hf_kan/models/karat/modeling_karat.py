@@ -22,17 +22,18 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
-from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_outputs import BaseModelOutputWithPooling, ImageClassifierOutput
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.processing_utils import Unpack
 from transformers.utils import TransformersKwargs, logging
-from transformers.utils.generic import can_return_tuple, merge_with_config_defaults
+from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
 from ...errors import ImageSizeError, UnsupportedModelError
 from ...hub import ModelCardMixin
 from ...modules.fourier_attention import FourierKArAtOperator
+from ...modules.vit_embeddings import ClassTokenEmbeddings, PatchEmbeddings
+from ..vit_common import ClassTokenClassifierMixin, PreNormBlock, build_classifier, init_vit_weights
 from .configuration_karat import KArAtConfig
 
 logger = logging.get_logger(__name__)
@@ -48,44 +49,24 @@ def _size_error(config: KArAtConfig, got: str) -> ImageSizeError:
     )
 
 
-class KArAtPatchEmbeddings(nn.Module):
+class KArAtPatchEmbeddings(PatchEmbeddings):
     """Split ``pixel_values`` ``[B, C, H, W]`` into patches and project them: ``[B, (H/p)*(W/p), D]``."""
 
     def __init__(self, config: KArAtConfig):
-        super().__init__()
-        self.num_channels = config.num_channels
-        self.patch_size = config.patch_size
-        self.projection = nn.Conv2d(
-            config.num_channels, config.hidden_size, kernel_size=config.patch_size, stride=config.patch_size
-        )
-
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        if pixel_values.dim() != 4 or pixel_values.shape[1] != self.num_channels:
-            raise ImageSizeError(
-                f"KArAt expects pixel_values of shape [batch, {self.num_channels}, height, width], "
-                f"got {tuple(pixel_values.shape)}"
-            )
-        return self.projection(pixel_values).flatten(2).transpose(1, 2)
+        super().__init__(config.num_channels, config.hidden_size, config.patch_size, model_name="KArAt")
 
 
-class KArAtEmbeddings(nn.Module):
+class KArAtEmbeddings(ClassTokenEmbeddings):
     """Class token + patch embeddings + learned position embedding, for ``config.image_size`` images only."""
 
     def __init__(self, config: KArAtConfig):
-        super().__init__()
-        self.config = config
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, config.hidden_size))
-        self.patch_embeddings = KArAtPatchEmbeddings(config)
-        self.position_embeddings = nn.Parameter(torch.zeros(1, config.num_tokens, config.hidden_size))
-        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        super().__init__(config, KArAtPatchEmbeddings(config), num_positions=config.num_tokens)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         height, width = pixel_values.shape[-2:]
         if height != self.config.image_size or width != self.config.image_size:
             raise _size_error(self.config, f"{height}x{width} images")
-        embeddings = self.patch_embeddings(pixel_values)
-        embeddings = torch.cat((self.cls_token.expand(embeddings.shape[0], -1, -1), embeddings), dim=1)
-        return self.dropout(embeddings + self.position_embeddings)
+        return self.add_class_token_and_position(self.patch_embeddings(pixel_values), self.position_embeddings)
 
 
 def karat_attention_forward(
@@ -189,46 +170,14 @@ class KArAtMLP(nn.Module):
         return self.dropout(self.fc2(hidden_states))
 
 
-class KArAtDropPath(nn.Module):
-    """Stochastic depth: drop the whole residual branch per sample with probability ``drop_prob`` in training."""
+class KArAtLayer(PreNormBlock):
+    """Pre-norm block: ``x + attn(norm1(x))`` then ``x + mlp(norm2(x))`` (GELU MLP).
 
-    def __init__(self, drop_prob: float = 0.0):
-        super().__init__()
-        self.drop_prob = drop_prob
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        if self.drop_prob == 0.0 or not self.training:
-            return hidden_states
-        keep = 1.0 - self.drop_prob
-        shape = (hidden_states.shape[0],) + (1,) * (hidden_states.dim() - 1)
-        return hidden_states * hidden_states.new_empty(shape).bernoulli_(keep) / keep
-
-    def extra_repr(self) -> str:
-        return f"p={self.drop_prob}"
-
-
-class KArAtLayer(GradientCheckpointingLayer):
-    """Pre-norm block: ``x + attn(norm1(x))`` then ``x + mlp(norm2(x))``; attention uses ``karat_operator``."""
+    Called as ``layer(hidden_states, karat_operator, **kwargs)``: attention uses the given Fourier-KArAt operator.
+    """
 
     def __init__(self, config: KArAtConfig, drop_path: float = 0.0):
-        super().__init__()
-        self.norm1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.attention = KArAtAttention(config)
-        self.norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.mlp = KArAtMLP(config)
-        self.dropout = nn.Dropout(config.hidden_dropout_prob)
-        self.drop_path = KArAtDropPath(drop_path)
-
-    def forward(
-        self,
-        hidden_states: torch.Tensor,
-        karat_operator: FourierKArAtOperator,
-        **kwargs: Unpack[TransformersKwargs],
-    ) -> torch.Tensor:
-        attn_output, _ = self.attention(self.norm1(hidden_states), karat_operator, **kwargs)
-        hidden_states = hidden_states + self.drop_path(self.dropout(attn_output))
-        hidden_states = hidden_states + self.drop_path(self.mlp(self.norm2(hidden_states)))
-        return hidden_states
+        super().__init__(config, KArAtAttention, KArAtMLP, drop_path=drop_path)
 
 
 class KArAtPreTrainedModel(ModelCardMixin, PreTrainedModel):
@@ -252,20 +201,12 @@ class KArAtPreTrainedModel(ModelCardMixin, PreTrainedModel):
     def _init_weights(self, module: nn.Module) -> None:
         """Truncated-normal linear/conv weights, tokens and position embedding; scaled-normal KArAt operators."""
         std = self.config.initializer_range
-        if isinstance(module, (nn.Linear, nn.Conv2d)):
-            init.trunc_normal_(module.weight, mean=0.0, std=std)
-            if module.bias is not None:
-                init.zeros_(module.bias)
-        elif isinstance(module, nn.LayerNorm):
-            init.ones_(module.weight)
-            init.zeros_(module.bias)
-        elif isinstance(module, KArAtEmbeddings):
-            init.trunc_normal_(module.position_embeddings, mean=0.0, std=std)
-            init.trunc_normal_(module.cls_token, mean=0.0, std=std)
-        elif isinstance(module, FourierKArAtOperator):
+        if isinstance(module, FourierKArAtOperator):
             coeff_std, weight_std = module.init_stds()
             init.normal_(module.fourier_coeffs, mean=0.0, std=coeff_std)
             init.normal_(module.low_rank_weight, mean=0.0, std=weight_std)
+        else:
+            init_vit_weights(module, std)
 
 
 class KArAtModel(KArAtPreTrainedModel):
@@ -325,36 +266,16 @@ class KArAtModel(KArAtPreTrainedModel):
         return BaseModelOutputWithPooling(last_hidden_state=sequence_output, pooler_output=sequence_output[:, 0])
 
 
-class KArAtForImageClassification(KArAtPreTrainedModel):
-    """KArAt with a linear classifier on the (normalised) class token."""
+class KArAtForImageClassification(ClassTokenClassifierMixin, KArAtPreTrainedModel):
+    """KArAt with a linear classifier on the (normalised) class token (``forward``: see
+    :class:`~hf_kan.models.vit_common.ClassTokenClassifierMixin`)."""
 
     def __init__(self, config: KArAtConfig):
         super().__init__(config)
         self.num_labels = config.num_labels
         self.karat = KArAtModel(config)
-        self.classifier = nn.Linear(config.hidden_size, config.num_labels) if config.num_labels > 0 else nn.Identity()
+        self.classifier = build_classifier(config)
         self.post_init()
-
-    @can_return_tuple
-    def forward(
-        self,
-        pixel_values: torch.Tensor | None = None,
-        labels: torch.Tensor | None = None,
-        interpolate_pos_encoding: bool | None = None,
-        **kwargs: Unpack[TransformersKwargs],
-    ) -> ImageClassifierOutput:
-        r"""Classify ``pixel_values``; with ``labels`` ``[B]`` also returns the loss (cross-entropy for
-        single-label classification, following ``config.problem_type`` like every Transformers classifier)."""
-        outputs: BaseModelOutputWithPooling = self.karat(
-            pixel_values, interpolate_pos_encoding=interpolate_pos_encoding, **kwargs
-        )
-        logits = self.classifier(outputs.pooler_output)
-        loss = None
-        if labels is not None:
-            loss = self.loss_function(labels, logits, self.config, **kwargs)
-        return ImageClassifierOutput(
-            loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
-        )
 
 
 __all__ = ["KArAtForImageClassification", "KArAtModel", "KArAtPreTrainedModel", "karat_attention_forward"]

@@ -15,8 +15,7 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.backbone_utils import BackboneMixin
-from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_outputs import BackboneOutput, BaseModelOutputWithPooling, ImageClassifierOutput
+from transformers.modeling_outputs import BackboneOutput, BaseModelOutputWithPooling
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.processing_utils import Unpack
 from transformers.utils import TransformersKwargs, logging
@@ -26,47 +25,35 @@ from transformers.utils.output_capturing import capture_outputs
 from ...errors import ImageSizeError
 from ...hub import ModelCardMixin
 from ...modules.group_rational import GroupRational
+from ...modules.vit_embeddings import ClassTokenEmbeddings, PatchEmbeddings
+from ..vit_common import ClassTokenClassifierMixin, PreNormBlock, build_classifier, init_vit_weights
 from .configuration_kat import KATConfig
 
 logger = logging.get_logger(__name__)
 
 
-class KATPatchEmbeddings(nn.Module):
-    """Split ``pixel_values`` ``[B, C, H, W]`` into patches and project them: ``[B, (H/p)*(W/p), D]``."""
+class KATPatchEmbeddings(PatchEmbeddings):
+    """Patch projection ``[B, C, H, W] -> [B, (H/p)*(W/p), D]`` for any ``H, W`` that are multiples of the patch."""
 
     def __init__(self, config: KATConfig):
-        super().__init__()
-        self.num_channels = config.num_channels
-        self.patch_size = config.patch_size
-        self.projection = nn.Conv2d(
-            config.num_channels, config.hidden_size, kernel_size=config.patch_size, stride=config.patch_size
-        )
+        super().__init__(config.num_channels, config.hidden_size, config.patch_size, model_name="KAT")
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        if pixel_values.dim() != 4 or pixel_values.shape[1] != self.num_channels:
-            raise ImageSizeError(
-                f"KAT expects pixel_values of shape [batch, {self.num_channels}, height, width], "
-                f"got {tuple(pixel_values.shape)}"
-            )
+        self.check_layout(pixel_values)
         height, width = pixel_values.shape[-2:]
         if height % self.patch_size or width % self.patch_size:
             raise ImageSizeError(
                 f"image size {height}x{width} is not a multiple of the patch size {self.patch_size}; "
                 "resize or crop the images (the image processor does this)"
             )
-        return self.projection(pixel_values).flatten(2).transpose(1, 2)
+        return self.project(pixel_values)
 
 
-class KATEmbeddings(nn.Module):
+class KATEmbeddings(ClassTokenEmbeddings):
     """Class token + patch embeddings + learned position embedding (bicubically resized for other image sizes)."""
 
     def __init__(self, config: KATConfig):
-        super().__init__()
-        self.config = config
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, config.hidden_size))
-        self.patch_embeddings = KATPatchEmbeddings(config)
-        self.position_embeddings = nn.Parameter(torch.zeros(1, config.num_patches + 1, config.hidden_size))
-        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        super().__init__(config, KATPatchEmbeddings(config), num_positions=config.num_patches + 1)
 
     def interpolate_pos_encoding(self, height: int, width: int) -> torch.Tensor:
         """Position embeddings for a ``height x width`` image: the patch grid is resized bicubically."""
@@ -85,11 +72,10 @@ class KATEmbeddings(nn.Module):
         return torch.cat((cls_pos, patch_pos), dim=1)
 
     def forward(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False) -> torch.Tensor:
-        batch_size, _, height, width = pixel_values.shape
-        embeddings = self.patch_embeddings(pixel_values)
-        embeddings = torch.cat((self.cls_token.expand(batch_size, -1, -1), embeddings), dim=1)
+        _, _, height, width = pixel_values.shape
+        patch_tokens = self.patch_embeddings(pixel_values)
         if interpolate_pos_encoding:
-            embeddings = embeddings + self.interpolate_pos_encoding(height, width)
+            position_embeddings = self.interpolate_pos_encoding(height, width)
         else:
             size = self.config.image_size
             if height != size or width != size:
@@ -97,8 +83,8 @@ class KATEmbeddings(nn.Module):
                     f"input image size {height}x{width} does not match the model's {size}x{size}; pass "
                     "interpolate_pos_encoding=True to resize the position embedding, or resize the images"
                 )
-            embeddings = embeddings + self.position_embeddings
-        return self.dropout(embeddings)
+            position_embeddings = self.position_embeddings
+        return self.add_class_token_and_position(patch_tokens, position_embeddings)
 
 
 def eager_attention_forward(
@@ -194,53 +180,20 @@ class KATMLP(nn.Module):
         return self.fc2(self.dropout(self.rational_2(hidden_states)))
 
 
-class KATDropPath(nn.Module):
-    """Stochastic depth: drop the whole residual branch per sample with probability ``drop_prob`` in training."""
-
-    def __init__(self, drop_prob: float = 0.0):
-        super().__init__()
-        self.drop_prob = drop_prob
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        if self.drop_prob == 0.0 or not self.training:
-            return hidden_states
-        keep = 1.0 - self.drop_prob
-        shape = (hidden_states.shape[0],) + (1,) * (hidden_states.dim() - 1)
-        mask = hidden_states.new_empty(shape).bernoulli_(keep)
-        return hidden_states * mask / keep
-
-    def extra_repr(self) -> str:
-        return f"p={self.drop_prob}"
-
-
 def _drop_path_rates(config: KATConfig) -> list[float]:
     """Stochastic-depth rate of each block, rising linearly from 0 to ``config.drop_path_rate``."""
     last = max(config.num_hidden_layers - 1, 1)
     return [config.drop_path_rate * i / last for i in range(config.num_hidden_layers)]
 
 
-class KATLayer(GradientCheckpointingLayer):
-    """Pre-norm transformer block: ``x + attn(norm1(x))`` then ``x + mlp(norm2(x))``."""
+class KATLayer(PreNormBlock):
+    """Pre-norm transformer block: ``x + attn(norm1(x))`` then ``x + mlp(norm2(x))`` (GR-KAN MLP).
+
+    Called as ``layer(hidden_states, attention_mask=None, **kwargs)``.
+    """
 
     def __init__(self, config: KATConfig, drop_path: float = 0.0):
-        super().__init__()
-        self.norm1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.attention = KATAttention(config)
-        self.norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.mlp = KATMLP(config)
-        self.dropout = nn.Dropout(config.hidden_dropout_prob)
-        self.drop_path = KATDropPath(drop_path)
-
-    def forward(
-        self,
-        hidden_states: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        **kwargs: Unpack[TransformersKwargs],
-    ) -> torch.Tensor:
-        attn_output, _ = self.attention(self.norm1(hidden_states), attention_mask, **kwargs)
-        hidden_states = hidden_states + self.drop_path(self.dropout(attn_output))
-        hidden_states = hidden_states + self.drop_path(self.mlp(self.norm2(hidden_states)))
-        return hidden_states
+        super().__init__(config, KATAttention, KATMLP, drop_path=drop_path)
 
 
 class KATPreTrainedModel(ModelCardMixin, PreTrainedModel):
@@ -270,20 +223,12 @@ class KATPreTrainedModel(ModelCardMixin, PreTrainedModel):
             # kaiming-normal (fan-in) scaled by the variance-preserving gain of the rational in front of the layer
             init.normal_(module.weight, mean=0.0, std=module.init_gain / math.sqrt(module.in_features))
             init.zeros_(module.bias)
-        elif isinstance(module, (nn.Linear, nn.Conv2d)):
-            init.trunc_normal_(module.weight, mean=0.0, std=std)
-            if module.bias is not None:
-                init.zeros_(module.bias)
-        elif isinstance(module, nn.LayerNorm):
-            init.ones_(module.weight)
-            init.zeros_(module.bias)
         elif isinstance(module, GroupRational):
             numerator, denominator = module.preset_coefficients()
             init.copy_(module.weight_numerator, numerator)
             init.copy_(module.weight_denominator, denominator)
-        elif isinstance(module, KATEmbeddings):
-            init.trunc_normal_(module.position_embeddings, mean=0.0, std=std)
-            init.trunc_normal_(module.cls_token, mean=0.0, std=std)
+        else:
+            init_vit_weights(module, std)
 
 
 class KATModel(KATPreTrainedModel):
@@ -325,36 +270,16 @@ class KATModel(KATPreTrainedModel):
         return BaseModelOutputWithPooling(last_hidden_state=sequence_output, pooler_output=sequence_output[:, 0])
 
 
-class KATForImageClassification(KATPreTrainedModel):
-    """KAT with a linear classifier on the (normalised) class token."""
+class KATForImageClassification(ClassTokenClassifierMixin, KATPreTrainedModel):
+    """KAT with a linear classifier on the (normalised) class token (``forward``: see
+    :class:`~hf_kan.models.vit_common.ClassTokenClassifierMixin`)."""
 
     def __init__(self, config: KATConfig):
         super().__init__(config)
         self.num_labels = config.num_labels
         self.kat = KATModel(config)
-        self.classifier = nn.Linear(config.hidden_size, config.num_labels) if config.num_labels > 0 else nn.Identity()
+        self.classifier = build_classifier(config)
         self.post_init()
-
-    @can_return_tuple
-    def forward(
-        self,
-        pixel_values: torch.Tensor | None = None,
-        labels: torch.Tensor | None = None,
-        interpolate_pos_encoding: bool | None = None,
-        **kwargs: Unpack[TransformersKwargs],
-    ) -> ImageClassifierOutput:
-        r"""Classify ``pixel_values``; with ``labels`` ``[B]`` also returns the loss (cross-entropy for
-        single-label classification, following ``config.problem_type`` like every Transformers classifier)."""
-        outputs: BaseModelOutputWithPooling = self.kat(
-            pixel_values, interpolate_pos_encoding=interpolate_pos_encoding, **kwargs
-        )
-        logits = self.classifier(outputs.pooler_output)
-        loss = None
-        if labels is not None:
-            loss = self.loss_function(labels, logits, self.config, **kwargs)
-        return ImageClassifierOutput(
-            loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
-        )
 
 
 class KATBackbone(BackboneMixin, KATPreTrainedModel):
