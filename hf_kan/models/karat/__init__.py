@@ -13,6 +13,7 @@ from typing import Any
 from transformers import AutoConfig, AutoModel, AutoModelForImageClassification
 
 from ..presets import register_preset
+from ..vit_config import VIT_SHAPES, vit_preset_kwargs
 from .configuration_karat import KArAtConfig
 from .modeling_karat import KArAtForImageClassification, KArAtModel, KArAtPreTrainedModel, karat_attention_forward
 
@@ -21,11 +22,7 @@ AutoModel.register(KArAtConfig, KArAtModel, exist_ok=True)
 AutoModelForImageClassification.register(KArAtConfig, KArAtForImageClassification, exist_ok=True)
 
 # name -> (hidden_size, num_hidden_layers, num_attention_heads): the ViT-T/S/B shapes of the paper.
-KARAT_SIZES: dict[str, tuple[int, int, int]] = {
-    "karat-tiny": (192, 12, 3),
-    "karat-small": (384, 12, 6),
-    "karat-base": (768, 12, 12),
-}
+KARAT_SIZES: dict[str, tuple[int, int, int]] = {f"karat-{size}": shape for size, shape in VIT_SHAPES.items()}
 # variant suffix -> (karat_grid_size, karat_sharing): the paper's G3B, G3U and G1B.
 KARAT_VARIANTS: dict[str, tuple[int, str]] = {
     "g3b": (3, "blockwise"),
@@ -39,17 +36,8 @@ def _karat_factory(shape: tuple[int, int, int], variant: tuple[int, str]) -> Cal
     grid_size, sharing = variant
 
     def factory(**overrides: Any) -> KArAtConfig:
-        kwargs: dict[str, Any] = dict(
-            hidden_size=hidden_size,
-            num_hidden_layers=layers,
-            num_attention_heads=heads,
-            mlp_ratio=4.0,
-            image_size=224,
-            patch_size=16,
-            karat_grid_size=grid_size,
-            karat_rank=12,
-            karat_sharing=sharing,
-        )
+        kwargs = vit_preset_kwargs(hidden_size, layers, heads)
+        kwargs.update(karat_grid_size=grid_size, karat_rank=12, karat_sharing=sharing)
         kwargs.update(overrides)
         return KArAtConfig(**kwargs)
 

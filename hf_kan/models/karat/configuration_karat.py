@@ -9,6 +9,13 @@ from transformers import PreTrainedConfig
 
 from ...errors import HFKanConfigError
 from ...modules.fourier_attention import OPERATOR_IMPLEMENTATIONS, FourierKArAtOperator
+from ..vit_config import (
+    VIT_SIZE_FIELDS,
+    check_heads_divide_hidden,
+    check_patch_divides_image,
+    check_positive,
+    check_rates,
+)
 
 SHARING_MODES = ("blockwise", "universal")
 
@@ -82,16 +89,9 @@ class KArAtConfig(PreTrainedConfig):
         def bad(msg: str) -> HFKanConfigError:
             return HFKanConfigError(f"KArAtConfig: {msg}")
 
-        for name in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "image_size",
-                     "patch_size", "num_channels", "karat_grid_size", "karat_rank"):
-            if getattr(self, name) < 1:
-                raise bad(f"{name} must be a positive integer, got {getattr(self, name)}")
-        if self.hidden_size % self.num_attention_heads:
-            raise bad(
-                f"hidden_size={self.hidden_size} is not divisible by num_attention_heads={self.num_attention_heads}"
-            )
-        if self.image_size % self.patch_size:
-            raise bad(f"image_size={self.image_size} is not a multiple of patch_size={self.patch_size}")
+        check_positive(self, VIT_SIZE_FIELDS + ("karat_grid_size", "karat_rank"), bad)
+        check_heads_divide_hidden(self, bad)
+        check_patch_divides_image(self, bad)
         if self.karat_sharing not in SHARING_MODES:
             raise bad(f"karat_sharing={self.karat_sharing!r} is unknown; choose one of {', '.join(SHARING_MODES)}")
         if self.karat_implementation not in OPERATOR_IMPLEMENTATIONS:
@@ -99,9 +99,7 @@ class KArAtConfig(PreTrainedConfig):
                 f"karat_implementation={self.karat_implementation!r} is unknown; "
                 f"choose one of {', '.join(OPERATOR_IMPLEMENTATIONS)}"
             )
-        for name in ("hidden_dropout_prob", "attention_probs_dropout_prob", "drop_path_rate"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                raise bad(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        check_rates(self, bad)
 
     @property
     def num_patches(self) -> int:

@@ -13,6 +13,7 @@ from typing import Any
 from transformers import AutoBackbone, AutoConfig, AutoModel, AutoModelForImageClassification
 
 from ..presets import register_preset
+from ..vit_config import VIT_SHAPES, vit_preset_kwargs
 from .configuration_kat import KATConfig
 from .image_processing_kat import kat_image_processor
 from .modeling_kat import KATBackbone, KATForImageClassification, KATModel, KATPreTrainedModel
@@ -23,26 +24,13 @@ AutoModelForImageClassification.register(KATConfig, KATForImageClassification, e
 AutoBackbone.register(KATConfig, KATBackbone, exist_ok=True)
 
 # name -> (hidden_size, num_hidden_layers, num_attention_heads), the published KAT-T/S/B shapes.
-KAT_SIZES: dict[str, tuple[int, int, int]] = {
-    "kat-tiny": (192, 12, 3),
-    "kat-small": (384, 12, 6),
-    "kat-base": (768, 12, 12),
-}
+KAT_SIZES: dict[str, tuple[int, int, int]] = {f"kat-{size}": shape for size, shape in VIT_SHAPES.items()}
 
 
 def _kat_factory(hidden_size: int, layers: int, heads: int) -> Callable[..., KATConfig]:
     def factory(**overrides: Any) -> KATConfig:
-        kwargs: dict[str, Any] = dict(
-            hidden_size=hidden_size,
-            num_hidden_layers=layers,
-            num_attention_heads=heads,
-            mlp_ratio=4.0,
-            image_size=224,
-            patch_size=16,
-            rational_groups=8,
-            rational_1_init="identity",
-            rational_2_init="swish",
-        )
+        kwargs = vit_preset_kwargs(hidden_size, layers, heads)
+        kwargs.update(rational_groups=8, rational_1_init="identity", rational_2_init="swish")
         kwargs.update(overrides)
         return KATConfig(**kwargs)
 

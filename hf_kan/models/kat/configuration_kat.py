@@ -10,6 +10,13 @@ from transformers.backbone_utils import BackboneConfigMixin
 
 from ...errors import HFKanConfigError
 from ...modules.rational_presets import available_rational_presets
+from ..vit_config import (
+    VIT_SIZE_FIELDS,
+    check_heads_divide_hidden,
+    check_patch_divides_image,
+    check_positive,
+    check_rates,
+)
 
 INIT_SCHEMES = ("variance_preserving", "trunc_normal")
 
@@ -90,22 +97,15 @@ class KATConfig(BackboneConfigMixin, PreTrainedConfig):
         def bad(msg: str) -> HFKanConfigError:
             return HFKanConfigError(f"KATConfig: {msg}")
 
-        for name in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "image_size",
-                     "patch_size", "num_channels", "rational_groups"):
-            if getattr(self, name) < 1:
-                raise bad(f"{name} must be a positive integer, got {getattr(self, name)}")
-        if self.hidden_size % self.num_attention_heads:
-            raise bad(
-                f"hidden_size={self.hidden_size} is not divisible by num_attention_heads={self.num_attention_heads}"
-            )
+        check_positive(self, VIT_SIZE_FIELDS + ("rational_groups",), bad)
+        check_heads_divide_hidden(self, bad)
         for name in ("hidden_size", "intermediate_size"):
             if getattr(self, name) % self.rational_groups:
                 raise bad(
                     f"{name}={getattr(self, name)} is not divisible by rational_groups={self.rational_groups}; "
                     "pick a group count that divides both hidden_size and intermediate_size"
                 )
-        if self.image_size % self.patch_size:
-            raise bad(f"image_size={self.image_size} is not a multiple of patch_size={self.patch_size}")
+        check_patch_divides_image(self, bad)
         presets = available_rational_presets()
         for name in ("rational_1_init", "rational_2_init"):
             if getattr(self, name) not in presets:
@@ -116,9 +116,7 @@ class KATConfig(BackboneConfigMixin, PreTrainedConfig):
             raise bad(f"rational_backend={self.rational_backend!r} is unknown; choose one of {', '.join(BACKENDS)}")
         if self.init_scheme not in INIT_SCHEMES:
             raise bad(f"init_scheme={self.init_scheme!r} is unknown; choose one of {', '.join(INIT_SCHEMES)}")
-        for name in ("hidden_dropout_prob", "attention_probs_dropout_prob", "drop_path_rate"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                raise bad(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        check_rates(self, bad)
 
     @property
     def num_patches(self) -> int:
