@@ -31,6 +31,15 @@ def _eager_rational(monkeypatch):
     monkeypatch.setenv("HF_KAN_RATIONAL_CPU_COMPILE", "0")
 
 
+@pytest.fixture(autouse=True)
+def _single_thread():
+    """Tiny models train fastest on one thread; more threads spin-wait when xdist workers share the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def tiny_args(tmp_path, model: str = "vit-tiny", **kwargs) -> ImageClassificationArguments:
     values = dict(
         model=model,
@@ -150,6 +159,8 @@ def test_short_training_reaches_accuracy_and_saves_best(tmp_path, model_name):
     # the saved model is the best one: reloading it reproduces the best accuracy on the test split
     model = AutoModelForImageClassification.from_pretrained(args.output_dir)
     assert model.config.model_type == model_name.split("-")[0] and model.config.num_labels == 10
+    card_info = model.config.model_card_info  # rendered into README.md by hf_kan.hub for hf-kan families
+    assert card_info["metrics"]["accuracy"] == round(metrics["best_eval_accuracy"], 4)
     test = load_digits_dataset(image_size=8, num_channels=1)["test"].with_format("torch")[:]
     assert manual_accuracy(model, test["pixel_values"], test["label"]) == pytest.approx(metrics["best_eval_accuracy"])
 

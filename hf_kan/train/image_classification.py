@@ -49,7 +49,7 @@ from transformers.utils import logging
 from ..errors import HFKanConfigError, UnsupportedModelError
 from ..models.presets import available_presets, config_from_preset
 from .cli_args import add_dataclass_arguments, dataclass_from_namespace
-from .data import ClassificationData, collate_classification, load_classification_data
+from .data import EMBEDDED_DATASET, ClassificationData, collate_classification, load_classification_data
 
 logger = logging.get_logger(__name__)
 
@@ -246,6 +246,25 @@ def evaluate(model: torch.nn.Module, loader: Any, accelerator: Any) -> dict[str,
     return {"eval_accuracy": (correct / count).item(), "eval_loss": (loss_sum / count).item(), "eval_samples": count}
 
 
+def _record_card_info(model: Any, args: ImageClassificationArguments, metrics: dict[str, Any]) -> None:
+    """Put the training data and measured accuracy into ``config.model_card_info`` (rendered by ``hf_kan.hub``)."""
+    from ..hub import set_model_card_info
+
+    embedded = args.dataset in (None, EMBEDDED_DATASET)
+    dataset = "scikit-learn digits (embedded in hf_kan.data)" if embedded else args.dataset
+    hub_dataset = not embedded and not os.path.exists(args.dataset)  # only Hub ids belong in the card's datasets
+    is_hub_id = not os.path.isdir(args.model) and args.model not in available_presets()
+    set_model_card_info(
+        model,
+        datasets=[args.dataset] if hub_dataset else None,
+        metrics={"accuracy": round(metrics["eval_accuracy"], 4)},
+        metrics_dataset=f"{dataset}, {metrics['eval_samples']} eval images",
+        metrics_source="measured with hf-kan train",
+        base_model=args.model if is_hub_id else None,
+        training=f"Trained with `hf-kan train` from {args.model!r} for {metrics['step']} optimizer steps.",
+    )
+
+
 def _save(model: Any, data: ClassificationData, accelerator: Any, output_dir: str) -> None:
     """``save_pretrained`` the unwrapped model (and image processor) on the main process."""
     accelerator.wait_for_everyone()
@@ -338,6 +357,7 @@ def train_image_classification(args: ImageClassificationArguments) -> dict[str, 
         if metrics["eval_accuracy"] > best["eval_accuracy"]:
             best.update(eval_accuracy=metrics["eval_accuracy"], step=step)
             if args.save_model:
+                _record_card_info(accelerator.unwrap_model(model), args, metrics)
                 _save(model, data, accelerator, args.output_dir)
         return metrics
 
