@@ -107,6 +107,9 @@ class ImageClassificationArguments:
     max_train_samples: int | None = field(default=None, metadata={"help": "train on a seeded subset of this size"})
     max_eval_samples: int | None = field(default=None, metadata={"help": "evaluate on the first N eval rows"})
     num_workers: int = field(default=0, metadata={"help": "DataLoader worker processes"})
+    num_threads: int | None = field(
+        default=None, metadata={"help": "torch CPU threads per process (unset = torch's default)"}
+    )
     cpu: bool = field(default=False, metadata={"help": "force CPU even when a GPU is present"})
     progress_bar: bool = field(default=True, metadata={"help": "show a tqdm bar (main process only)"})
     save_model: bool = field(default=True, metadata={"help": "save the best model to output_dir"})
@@ -291,6 +294,8 @@ def train_image_classification(args: ImageClassificationArguments) -> dict[str, 
     from tqdm.auto import tqdm
     from transformers import get_cosine_schedule_with_warmup
 
+    if args.num_threads is not None:
+        torch.set_num_threads(args.num_threads)
     accelerator = make_accelerator(args)
     set_seed(args.seed)
     config, from_preset = resolve_config(args)
