@@ -164,7 +164,7 @@ def resolve_config(args: ImageClassificationArguments) -> tuple[PretrainedConfig
         if v is not None
     }
     if args.model in available_presets():
-        return config_from_preset(args.model, **sizes, **args.config_overrides), True
+        return config_from_preset(args.model, **{**args.config_overrides, **sizes}), True
     if sizes:
         raise HFKanConfigError(
             f"image_size/patch_size/num_channels ({sizes}) apply to presets only; {args.model!r} is loaded with "
