@@ -7,8 +7,12 @@ the MoH PEFT method). Registration is idempotent.
 
 from __future__ import annotations
 
-from . import errors, models, moh  # noqa: F401  (importing registers)
-from . import patches  # noqa: F401  (registers the "hf_kan" attention implementation)
+from . import (  # noqa: F401  (importing registers)
+    errors,
+    models,
+    moh,
+    patches,  # noqa: F401  (registers the "hf_kan" attention implementation)
+)
 from .errors import HFKanError
 from .models.karat import KArAtConfig, KArAtForImageClassification, KArAtModel
 from .models.kat import KATConfig, KATForImageClassification, KATModel

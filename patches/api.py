@@ -64,9 +64,10 @@ def apply(model: nn.Module, *, mma: bool | dict | MMAConfig | None = None, var: 
     first-token forward) and stores its default layers explicitly; ``prune`` takes ``"fastv"``, ``"pdrop"``, a dict
     (``{"method": "pdrop", "keep_ratios": [...]}``) or a ``PruneConfig``; ``dyvte`` attaches DyVTE routers to the
     model (restoring saved ones, see ``dyvte.attach_routers``). The text model's attention is switched to
-    ``"hf_kan"`` (the vision tower is left as it is), the config is stored JSON-serialisably as ``config.text_config.hf_kan`` (saved by
-    ``save_pretrained``), and the model and decoder-layer hooks are attached once. Calling ``apply(model)`` with no
-    arguments after ``from_pretrained`` re-attaches the hooks for the saved configuration.
+    ``"hf_kan"`` (the vision tower is left as it is), the config is stored JSON-serialisably as
+    ``config.text_config.hf_kan`` (saved by ``save_pretrained``), and the model and decoder-layer hooks are
+    attached once. Calling ``apply(model)`` with no arguments after ``from_pretrained`` re-attaches the hooks for
+    the saved configuration.
     """
     adapter = adapter_for(model)
     text_config = model.config.get_text_config()
