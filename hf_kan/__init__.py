@@ -7,12 +7,8 @@ the MoH PEFT method). Registration is idempotent.
 
 from __future__ import annotations
 
-from . import (  # noqa: F401  (importing registers)
-    errors,
-    models,
-    moh,
-    patches,  # noqa: F401  (registers the "hf_kan" attention implementation)
-)
+# Importing these registers the model types, the MoH PEFT method and the "hf_kan" attention implementation.
+from . import errors, models, moh, patches  # noqa: F401
 from .errors import HFKanError
 from .models.karat import KArAtConfig, KArAtForImageClassification, KArAtModel
 from .models.kat import KATConfig, KATForImageClassification, KATModel
