@@ -22,15 +22,16 @@ the ``dyvte`` config (reload with ``hf_kan.patches.from_pretrained``) and ``metr
 
 The default data are generated (``dyvte_data.py``): a smoke test of the recipe on random weights, NOT the paper's
 training run (1% of LLaVA-665k, lr 6e-5, 1 epoch). For real data call ``train_routers(model, loader)`` from Python.
+
+The ``Accelerator`` comes from :func:`hf_kan.train.runtime.make_accelerator` (CPU processes of a multi-process launch
+without GPUs form one gloo group), as in the other trainers.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import json
-import os
 import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -42,6 +43,8 @@ from torch import nn
 from transformers.utils import logging
 
 from ..errors import HFKanConfigError, InputLayoutError
+from ..train.cli_args import add_dataclass_arguments, dataclass_from_namespace
+from ..train.runtime import is_rank_zero, make_accelerator, write_run_files
 from .dyvte import EXIT, VisualKeyMask, extra_runtime, router_features, routers_of
 from .runtime import PatchRuntime
 
@@ -168,7 +171,6 @@ def train_routers(model: nn.Module, loader: Iterable[dict], *, epochs: int = 1, 
     (batches of model inputs + ``labels``) with 2-class cross-entropy on labels from ``make_exit_examples``; for each
     sample ``layers_per_sample`` router layers are drawn uniformly from ``dyvte.layers``. All other weights are
     frozen. Under ``accelerate`` only the routers are wrapped for data parallelism. Returns training metrics."""
-    from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs
     from tqdm.auto import tqdm
 
@@ -178,7 +180,7 @@ def train_routers(model: nn.Module, loader: Iterable[dict], *, epochs: int = 1, 
                                "hf_kan.patches.apply(model, dyvte=True) first")
     if layers_per_sample < 1:
         raise HFKanConfigError(f"layers_per_sample must be >= 1, got {layers_per_sample}")
-    acc = accelerator or Accelerator(kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+    acc = accelerator or make_accelerator(kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
     model.requires_grad_(False)
     routers.requires_grad_(True)
     model.to(acc.device)
@@ -245,13 +247,12 @@ class DyVTETrainArguments:
 
 def run_dyvte_training(args: DyVTETrainArguments) -> dict[str, Any]:
     """The ``dyvte-train`` command: build or load the model, generate data, train the routers, save."""
-    from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs, set_seed
 
     from . import api
     from .dyvte_data import collate, generate_samples, tiny_llava
 
-    acc = Accelerator(cpu=args.cpu, kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+    acc = make_accelerator(cpu=args.cpu, kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
     set_seed(args.seed)
     if args.model is None:
         model = tiny_llava(seed=args.seed)
@@ -270,12 +271,8 @@ def run_dyvte_training(args: DyVTETrainArguments) -> dict[str, Any]:
                             loss_ratio=args.loss_ratio, seed=args.seed, accelerator=acc)
     acc.wait_for_everyone()
     if acc.is_main_process:
-        os.makedirs(args.output_dir, exist_ok=True)
         model.save_pretrained(args.output_dir)
-        with open(os.path.join(args.output_dir, "metrics.json"), "w") as f:
-            json.dump(metrics, f, indent=2)
-        with open(os.path.join(args.output_dir, "training_args.json"), "w") as f:
-            json.dump(dataclasses.asdict(args), f, indent=2)
+        write_run_files(args.output_dir, metrics=metrics, args=args)
         logger.info("DyVTE routers written to %s: %s", args.output_dir, metrics)
     acc.wait_for_everyone()
     acc.end_training()
@@ -283,21 +280,12 @@ def run_dyvte_training(args: DyVTETrainArguments) -> dict[str, Any]:
 
 
 def _add_arguments(parser: argparse.ArgumentParser) -> None:
-    kinds = {"int": int, "float": float, "str": str}
-    for f in dataclasses.fields(DyVTETrainArguments):
-        flag = "--" + f.name.replace("_", "-")
-        help_text = f"{f.metadata.get('help', '')} (default: {f.default})"
-        if f.type == "bool":
-            parser.add_argument(flag, dest=f.name, action="store_true", help=help_text)
-            continue
-        parser.add_argument(flag, dest=f.name, type=kinds[str(f.type).split(" | ")[0]], default=f.default,
-                            help=help_text)
+    add_dataclass_arguments(parser, DyVTETrainArguments, negatable_bools=False)
 
 
 def _run(namespace: argparse.Namespace) -> int:
-    args = DyVTETrainArguments(**{f.name: getattr(namespace, f.name) for f in dataclasses.fields(DyVTETrainArguments)})
-    metrics = run_dyvte_training(args)
-    if int(os.environ.get("RANK", "0")) == 0:
+    metrics = run_dyvte_training(dataclass_from_namespace(DyVTETrainArguments, namespace))
+    if is_rank_zero():
         print(json.dumps(metrics))
     return 0
 

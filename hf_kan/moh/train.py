@@ -19,13 +19,13 @@ written to ``output_dir`` with the tokenizer, the generated base model (``base_m
 Several CPU processes: ``accelerate launch --multi_gpu --num_processes N`` (accelerate 1.15 starts N processes
 with torchrun; ``--cpu --num_processes N`` starts only ONE process). Without GPUs accelerate would treat each of
 those processes as a lone run, so this module creates the ``Accelerator`` with ``cpu=True`` when it sees
-``WORLD_SIZE > 1`` and no device, which makes them one gloo (``MULTI_CPU``) group with a sharded data loader.
+``WORLD_SIZE > 1`` and no device, which makes them one gloo (``MULTI_CPU``) group with a sharded data loader
+(:func:`hf_kan.train.runtime.make_accelerator`).
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import os
@@ -39,6 +39,8 @@ import torch
 from transformers.utils import logging
 
 from ..errors import HFKanConfigError
+from ..train.cli_args import add_dataclass_arguments, dataclass_from_namespace
+from ..train.runtime import is_rank_zero, make_accelerator, write_run_files
 
 logger = logging.get_logger(__name__)
 
@@ -154,15 +156,8 @@ def make_blocks(texts: Sequence[str], tokenizer: Any, seq_len: int) -> torch.Ten
     return torch.tensor(ids[: num_blocks * seq_len]).view(num_blocks, seq_len)
 
 
-def _distributed_launch_without_device() -> bool:
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    has_xpu = hasattr(torch, "xpu") and torch.xpu.is_available()
-    return world_size > 1 and not torch.cuda.is_available() and not has_xpu
-
-
 def run_moh_tuning(args: MoHTuneArguments) -> dict[str, Any]:
     """Continue-tune into MoH as described in the module docstring; returns the metrics written to metrics.json."""
-    from accelerate import Accelerator
     from accelerate.utils import set_seed
     from peft import LoraConfig, get_peft_model
     from tqdm.auto import tqdm
@@ -171,7 +166,7 @@ def run_moh_tuning(args: MoHTuneArguments) -> dict[str, Any]:
     from .config import MoHConfig
     from .model import moh_aux_loss
 
-    accelerator = Accelerator(cpu=args.cpu or _distributed_launch_without_device())
+    accelerator = make_accelerator(cpu=args.cpu)
     set_seed(args.seed)
     texts = load_texts(args)
     if args.model is None:
@@ -240,35 +235,19 @@ def run_moh_tuning(args: MoHTuneArguments) -> dict[str, Any]:
     }
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        os.makedirs(args.output_dir, exist_ok=True)
         peft_model.eval()
         peft_model.save_pretrained(args.output_dir)
         tokenizer.save_pretrained(args.output_dir)
-        with open(os.path.join(args.output_dir, "metrics.json"), "w") as f:
-            json.dump(metrics, f, indent=2)
-        with open(os.path.join(args.output_dir, "training_args.json"), "w") as f:
-            json.dump(dataclasses.asdict(args), f, indent=2)
+        write_run_files(args.output_dir, metrics=metrics, args=args)
         logger.info("MoH adapter written to %s: %s", args.output_dir, metrics)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return metrics
 
 
-def _add_arguments(parser: argparse.ArgumentParser) -> None:
-    for f in dataclasses.fields(MoHTuneArguments):
-        flag = "--" + f.name.replace("_", "-")
-        help_text = f"{f.metadata.get('help', '')} (default: {f.default})"
-        if f.type in ("bool",):
-            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default)
-            continue
-        kind = {"int": int, "float": float}.get(str(f.type).split(" | ")[0], str)
-        parser.add_argument(flag, dest=f.name, type=kind, default=f.default, help=help_text)
-
-
 def _run(namespace: argparse.Namespace) -> int:
-    args = MoHTuneArguments(**{f.name: getattr(namespace, f.name) for f in dataclasses.fields(MoHTuneArguments)})
-    metrics = run_moh_tuning(args)
-    if int(os.environ.get("RANK", "0")) == 0:
+    metrics = run_moh_tuning(dataclass_from_namespace(MoHTuneArguments, namespace))
+    if is_rank_zero():
         print(json.dumps(metrics))
     return 0
 
@@ -276,14 +255,14 @@ def _run(namespace: argparse.Namespace) -> int:
 def add_subparser(subparsers: Any) -> None:
     """Add ``hf-kan moh-tune``."""
     parser = subparsers.add_parser("moh-tune", help="continue-tune a causal LM into Mixture-of-Head attention")
-    _add_arguments(parser)
+    add_dataclass_arguments(parser, MoHTuneArguments)
     parser.set_defaults(func=_run)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point for ``python -m hf_kan.moh.train`` / ``accelerate launch -m hf_kan.moh.train``."""
     parser = argparse.ArgumentParser(prog="hf_kan.moh.train", description=__doc__.split("\n\n")[0])
-    _add_arguments(parser)
+    add_dataclass_arguments(parser, MoHTuneArguments)
     return _run(parser.parse_args(argv))
 
 

@@ -1,7 +1,8 @@
 """Build ``argparse`` options from an arguments dataclass, so the dataclass is the single source of defaults.
 
 Each field becomes ``--field-name`` with the field's default and its ``metadata["help"]``.
-Booleans become ``--flag`` / ``--no-flag``; ``dict`` fields take ``KEY=VALUE[,KEY=VALUE...]``
+Booleans become ``--flag`` / ``--no-flag`` (or a plain ``--flag`` switch with ``negatable_bools=False``);
+``dict`` fields take ``KEY=VALUE[,KEY=VALUE...]``
 (values parsed as JSON where possible, e.g. ``hidden_size=96,qkv_bias=false``) or a JSON object.
 """
 
@@ -51,15 +52,22 @@ def _base_type(annotation: Any) -> Any:
     return origin or annotation
 
 
-def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
-    """Add one option per field of dataclass ``cls`` to ``parser`` (dest = field name)."""
+def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, *, negatable_bools: bool = True) -> None:
+    """Add one option per field of dataclass ``cls`` to ``parser`` (dest = field name).
+
+    Help texts end with the default. ``negatable_bools=False`` makes boolean fields ``store_true`` switches
+    (no ``--no-flag``)."""
     hints = typing.get_type_hints(cls)
     for field in dataclasses.fields(cls):
         base = _base_type(hints[field.name])
         flag = "--" + field.name.replace("_", "-")
         default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
         help_text = field.metadata.get("help", "")
-        if base is bool:
+        if base is bool and not negatable_bools:
+            parser.add_argument(
+                flag, dest=field.name, action="store_true", default=default, help=f"{help_text} (default: {default})"
+            )
+        elif base is bool:
             parser.add_argument(
                 flag, dest=field.name, action=argparse.BooleanOptionalAction, default=default, help=help_text
             )

@@ -25,14 +25,12 @@ processor, ``metrics.json`` and ``training_args.json``) and optionally pushed to
 On a machine without GPUs, ``accelerate launch --multi_gpu --num_processes N`` starts N processes but
 accelerate would treat each as a lone single-process run; this module detects that (a distributed
 launch with no CUDA/XPU device) and creates the ``Accelerator`` with ``cpu=True``, which makes the
-processes one gloo (``MULTI_CPU``) group.
+processes one gloo (``MULTI_CPU``) group (:func:`hf_kan.train.runtime.make_accelerator`).
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import json
 import math
 import os
 import statistics
@@ -50,6 +48,7 @@ from ..errors import HFKanConfigError, UnsupportedModelError
 from ..models.presets import available_presets, config_from_preset
 from .cli_args import add_dataclass_arguments, dataclass_from_namespace
 from .data import EMBEDDED_DATASET, ClassificationData, collate_classification, load_classification_data
+from .runtime import is_rank_zero, make_accelerator, write_run_files
 
 logger = logging.get_logger(__name__)
 
@@ -132,24 +131,6 @@ class ImageClassificationArguments:
             raise HFKanConfigError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if self.mixed_precision not in (None, "no", "fp16", "bf16"):
             raise HFKanConfigError(f"mixed_precision must be one of no/fp16/bf16, got {self.mixed_precision!r}")
-
-
-def _distributed_launch_without_device() -> bool:
-    """True when a launcher started several processes but there is no CUDA/XPU device for them."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    has_xpu = hasattr(torch, "xpu") and torch.xpu.is_available()
-    return world_size > 1 and not torch.cuda.is_available() and not has_xpu
-
-
-def make_accelerator(args: ImageClassificationArguments) -> Any:
-    """Create the ``Accelerator``: CPU (gloo) when forced or when launched multi-process without devices."""
-    from accelerate import Accelerator
-
-    return Accelerator(
-        cpu=args.cpu or _distributed_launch_without_device(),
-        mixed_precision=args.mixed_precision,
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-    )
 
 
 def resolve_config(args: ImageClassificationArguments) -> tuple[PretrainedConfig, bool]:
@@ -277,11 +258,6 @@ def _save(model: Any, data: ClassificationData, accelerator: Any, output_dir: st
         data.image_processor.save_pretrained(output_dir)
 
 
-def _write_json(path: str, payload: dict[str, Any]) -> None:
-    with open(path, "w") as handle:
-        json.dump(payload, handle, indent=2, default=str)
-
-
 def train_image_classification(args: ImageClassificationArguments) -> dict[str, Any]:
     """Train, evaluate and save; return the final metrics (identical on every process).
 
@@ -296,7 +272,9 @@ def train_image_classification(args: ImageClassificationArguments) -> dict[str, 
 
     if args.num_threads is not None:
         torch.set_num_threads(args.num_threads)
-    accelerator = make_accelerator(args)
+    accelerator = make_accelerator(
+        cpu=args.cpu, mixed_precision=args.mixed_precision, gradient_accumulation_steps=args.gradient_accumulation_steps
+    )
     set_seed(args.seed)
     config, from_preset = resolve_config(args)
     image_size = getattr(config, "image_size", None)
@@ -339,8 +317,7 @@ def train_image_classification(args: ImageClassificationArguments) -> dict[str, 
     scheduler = get_cosine_schedule_with_warmup(optimizer, round(args.warmup_ratio * total_steps), total_steps)
 
     if accelerator.is_main_process:
-        os.makedirs(args.output_dir, exist_ok=True)
-        _write_json(os.path.join(args.output_dir, "training_args.json"), dataclasses.asdict(args))
+        write_run_files(args.output_dir, args=args)
         logger.info(
             f"training {args.model} ({num_parameters:,} parameters) on {len(data.train)} images / "
             f"{len(data.label_names)} classes, {total_steps} steps, {accelerator.num_processes} process(es)"
@@ -424,7 +401,7 @@ def train_image_classification(args: ImageClassificationArguments) -> dict[str, 
         "output_dir": args.output_dir,
     }
     if accelerator.is_main_process:
-        _write_json(os.path.join(args.output_dir, "metrics.json"), metrics)
+        write_run_files(args.output_dir, metrics=metrics)
         logger.info(f"best eval accuracy {best['eval_accuracy']:.4f} at step {best['step']}")
     if args.push_to_hub and args.save_model:
         accelerator.wait_for_everyone()
@@ -454,7 +431,7 @@ def _summary(metrics: dict[str, Any]) -> str:
 def _run_from_namespace(namespace: argparse.Namespace) -> int:
     args = dataclass_from_namespace(ImageClassificationArguments, namespace)
     metrics = train_image_classification(args)
-    if int(os.environ.get("RANK", "0")) == 0:
+    if is_rank_zero():
         print(_summary(metrics))
     return 0
 
