@@ -17,11 +17,10 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import statistics
-import time
 
 import torch
+from _common import set_threads, time_interleaved, write_json
 from peft import get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -69,8 +68,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--json", default=None, help="write the results to this file")
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
 
     base = build(args)
     variants = {"base": base}
@@ -79,16 +77,10 @@ def main() -> None:
         variants[f"moh_{router}"] = get_peft_model(copy.deepcopy(base), config).eval()
     ids = torch.randint(0, args.vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(0))
 
-    times: dict[str, list[float]] = {name: [] for name in variants}
     with torch.inference_mode():
-        for _ in range(args.warmup):
-            for model in variants.values():
-                model(input_ids=ids)
-        for _ in range(args.repeats):
-            for name, model in variants.items():
-                start = time.perf_counter()
-                model(input_ids=ids)
-                times[name].append(time.perf_counter() - start)
+        timings = time_interleaved({name: (lambda m=model: m(input_ids=ids)) for name, model in variants.items()},
+                                   args.repeats, warmup=args.warmup)
+    times = {name: [wall for wall, _ in t] for name, t in timings.items()}
 
     median = {name: statistics.median(t) for name, t in times.items()}
     bound = skippable_flop_fraction(base, args.seq, args.active_fraction)
@@ -101,9 +93,7 @@ def main() -> None:
     for name, value in median.items():
         print(f"{name:<16}{value * 1e3:>12.2f}{value / median['base']:>16.3f}")
     print(f"analytic bound on skippable FLOPs with a sparse-head kernel: {bound:.1%} of the forward (not measured)")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "median_s": median, "times_s": times, "skippable_flops": bound}, f, indent=2)
+    write_json(args.json, {"args": vars(args), "median_s": median, "times_s": times, "skippable_flops": bound})
 
 
 if __name__ == "__main__":

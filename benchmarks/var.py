@@ -17,58 +17,25 @@ of live CPU tensor memory allocated during one prefill (torch profiler allocatio
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import time
 
+import _common as bench
 import torch
 from torch.profiler import ProfilerActivity, profile
-from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
 import hf_kan  # noqa: F401  (registers "hf_kan")
 from hf_kan import patches
 
-IMAGE, ASSISTANT, BOS = 5, 4, 1
-
 
 def build(args, variant: str):
-    torch.manual_seed(0)
-    text = LlamaConfig(vocab_size=1000, hidden_size=args.hidden, intermediate_size=args.hidden * 11 // 4,
-                       num_hidden_layers=args.layers, num_attention_heads=args.hidden // 64,
-                       num_key_value_heads=args.hidden // 64, max_position_embeddings=4096, bos_token_id=BOS)
-    vision = CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
-                              image_size=336, patch_size=14)
-    cfg = LlavaConfig(text_config=text, vision_config=vision, image_token_id=IMAGE, vision_feature_layer=-1,
-                      vision_feature_select_strategy="default")
-    model = LlavaForConditionalGeneration._from_config(cfg, attn_implementation="sdpa").eval()
+    model = bench.tiny_llava(args.hidden, args.layers, bos_token_id=bench.BOS)
     with torch.no_grad():
-        model.get_input_embeddings().weight[BOS, 7] = 2.0  # a "massive activation" in dimension 7 of BOS
+        model.get_input_embeddings().weight[bench.BOS, 7] = 2.0  # a "massive activation" in dimension 7 of BOS
     if variant == "hf_kan":
         patches.apply(model, var=False)
     elif variant == "hf_kan+var":
         patches.apply(model, var={"tau": args.tau, "rho": args.rho})
     return model
-
-
-def inputs(args):
-    g = torch.Generator().manual_seed(0)
-    n_text = args.text_tokens
-    before = n_text // 4
-    rows = []
-    for b in range(args.batch):
-        pad = 7 * b  # later samples are shorter: left padding when batch > 1
-        text = torch.randint(10, 1000, (n_text - 2,), generator=g)
-        ids = torch.cat([torch.tensor([BOS]), text[:before], torch.full((576,), IMAGE), text[before:],
-                         torch.tensor([ASSISTANT])])
-        rows.append(ids[pad:] if pad else ids)
-    length = max(len(r) for r in rows)
-    input_ids = torch.zeros(args.batch, length, dtype=torch.long)
-    mask = torch.zeros(args.batch, length, dtype=torch.long)
-    for b, ids in enumerate(rows):
-        input_ids[b, length - len(ids):] = ids
-        mask[b, length - len(ids):] = 1
-    return {"input_ids": input_ids, "attention_mask": mask,
-            "pixel_values": torch.randn(args.batch, 3, 336, 336, generator=g)}
 
 
 def peak_bytes(model, x) -> int:
@@ -85,35 +52,26 @@ def peak_bytes(model, x) -> int:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--layers", type=int, default=8)
-    p.add_argument("--hidden", type=int, default=512)
-    p.add_argument("--text-tokens", type=int, default=64)
-    p.add_argument("--batch", type=int, default=1)
+    bench.add_llava_args(p)
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--tau", type=float, default=5.0)
     p.add_argument("--rho", type=float, default=0.5)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", default=None, help="write the results here")
     args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    bench.set_threads(args.threads)
     variants = ["sdpa", "hf_kan", "hf_kan+var"]
     models = {v: build(args, v) for v in variants}
-    x = inputs(args)
+    x = bench.llava_inputs(args.batch, args.text_tokens, bos=True)
     var_cfg = patches.status(models["hf_kan+var"])["patches"]["var"]
     with torch.inference_mode():
         out = {v: models[v](**x).logits for v in variants}  # warm-up, and a check that VAR changed something
-        times = {v: [] for v in variants}
-        for _ in range(args.repeats):  # interleaved so load changes hit every variant alike
-            for v in variants:
-                t = time.perf_counter()
-                models[v](**x)
-                times[v].append(time.perf_counter() - t)
+        timings = bench.time_interleaved({v: (lambda v=v: models[v](**x)) for v in variants}, args.repeats, warmup=0)
+    times = {v: [wall for wall, _ in t] for v, t in timings.items()}
     changed = float((out["hf_kan+var"] - out["hf_kan"]).abs().max())
     peaks = {v: peak_bytes(models[v], x) for v in variants}
     base_t, base_m = statistics.median(times["hf_kan"]), peaks["hf_kan"]
-    print(f"LLaVA-shaped: {args.layers} layers, hidden {args.hidden}, 576 image + {args.text_tokens} text tokens, "
-          f"batch {args.batch}, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(bench.llava_header(args))
     print(f"VAR: sink_dims {var_cfg['sink_dims']}, layers {var_cfg['layers']}, tau {var_cfg['tau']}, "
           f"rho {var_cfg['rho']}, p {var_cfg['p']}; max |logit change| from VAR = {changed:.3g}")
     print(f"{'variant':<12} {'prefill ms':>11} {'x off':>7} {'peak MiB':>9} {'x off':>7}")
@@ -123,9 +81,7 @@ def main(argv=None):
         rows.append({"variant": v, "prefill_s": mt, "prefill_ratio": mt / base_t, "peak_bytes": peaks[v],
                      "peak_ratio": peaks[v] / base_m})
         print(f"{v:<12} {mt * 1e3:>11.1f} {mt / base_t:>7.3f} {peaks[v] / 2**20:>9.1f} {peaks[v] / base_m:>7.3f}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "var": var_cfg, "results": rows}, f, indent=2)
+    bench.write_json(args.json, {"args": vars(args), "var": var_cfg, "results": rows})
 
 
 if __name__ == "__main__":
