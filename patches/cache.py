@@ -33,6 +33,11 @@ class KVLedger:
         # Per-token data of patches, indexed by original position: name -> (B, N, ...) tensor with N <= seen (VAR's
         # sink flags). Kept in step with beam reordering, batch selection and crop.
         self.token_data: dict[str, torch.Tensor] = {}
+        # Layers that hold the same positions share ONE tensor object (e.g. every layer after a drop): appends made
+        # in one forward are memoised on (previous tensor, appended rows), so a group stays one object, and it
+        # splits by itself when a layer gets different rows (copy-on-divergence; held tensors are never mutated in
+        # place). Consumers (ForwardState's mask and key-layout memos) then do their work once per group.
+        self._appended: dict = {}
 
     @property
     def seen(self) -> int:
@@ -42,25 +47,36 @@ class KVLedger:
     def extend(self, layout: TokenLayout) -> None:
         """Append the layout of a new forward's tokens to the token table."""
         self.tokens = layout if self.tokens is None else self.tokens.cat(layout)
+        self._appended.clear()
 
     def record(self, layer_idx: int, positions: torch.Tensor | None, seen_before: int, new: int) -> None:
         """Layer ``layer_idx`` appended the rows at original ``positions`` (``(B, T)``; ``None`` = all ``new`` tokens of
         the current forward, which start at ``seen_before``)."""
-        if positions is None and self.held[layer_idx] is None:
+        prev = self.held[layer_idx]
+        if positions is None and prev is None:
             return
+        memo = (None if prev is None else id(prev), None if positions is None else id(positions), seen_before, new)
+        hit = self._appended.get(memo)
+        if hit is not None and hit[0] is prev and hit[1] is positions:
+            self.held[layer_idx] = hit[2]
+            return
+        rows = positions
         if positions is None:
             b = self.tokens.batch_size
             positions = torch.arange(seen_before, seen_before + new, device=self.tokens.position.device).expand(b, -1)
-        prev = self.held[layer_idx]
-        if prev is None:
+        before = prev
+        if before is None:
             b = positions.shape[0]
-            prev = torch.arange(seen_before, device=positions.device).expand(b, -1)
-        self.held[layer_idx] = torch.cat([prev, positions], 1)
+            before = torch.arange(seen_before, device=positions.device).expand(b, -1)
+        out = torch.cat([before, positions], 1)
+        self._appended[memo] = (prev, rows, out)  # the references keep the ids in ``memo`` unique
+        self.held[layer_idx] = out
 
     def set_layer(self, layer_idx: int, positions: torch.Tensor | None) -> None:
         """Declare that layer ``layer_idx`` now holds ``positions`` (``(B, S)``, -1 = empty slot); used when tokens
         are dropped from a layer's cache."""
         self.held[layer_idx] = positions
+        self._appended.clear()
 
     def key_positions(self, layer_idx: int) -> torch.Tensor | None:
         """``(B, S_l)`` original positions held by layer ``layer_idx``, or ``None`` when it holds every token."""
@@ -80,10 +96,20 @@ class KVLedger:
             )
 
     # --- batch operations, mirrored from the cache -----------------------------------------------------------
+    def _map_held(self, fn) -> None:
+        """Apply ``fn`` to every held tensor once per distinct object, so layers sharing a tensor keep sharing."""
+        done: dict[int, torch.Tensor] = {}
+        for i, h in enumerate(self.held):
+            if h is not None:
+                if id(h) not in done:
+                    done[id(h)] = fn(h)
+                self.held[i] = done[id(h)]
+        self._appended.clear()
+
     def _batch_map(self, fn) -> None:
         if self.tokens is not None:
             self.tokens = self.tokens._map(fn)
-        self.held = [None if h is None else fn(h) for h in self.held]
+        self._map_held(fn)
         self.token_data = {k: fn(v) for k, v in self.token_data.items()}
 
     def select_batch(self, index: torch.Tensor) -> None:
@@ -98,7 +124,7 @@ class KVLedger:
             return
         keep = self.seen - tokens_to_remove
         self.tokens = self.tokens.narrow(0, keep) if keep > 0 else None
-        self.held = [None if h is None else h[:, : h.shape[1] - tokens_to_remove] for h in self.held]
+        self._map_held(lambda h: h[:, : h.shape[1] - tokens_to_remove])
         self.token_data = {k: v[:, :keep] for k, v in self.token_data.items()}
 
 

@@ -113,6 +113,7 @@ class ModelHook:
         for rt in state.runtimes:
             rt.end_forward(state, output)
         state._masks.clear()
+        state._key_layouts.clear()
         if output is not None and not isinstance(output, tuple):
             output.hf_kan_state = state
         if state.cache is not None and state.seen_before == 0:

@@ -29,13 +29,19 @@ def causal_is_trivial(q: TokenLayout, k: TokenLayout) -> bool:
     padding or empty key slots, key positions strictly increasing (``0..S-1``, or the kept subset of a pruned layer)
     and the queries exactly the last ``T`` keys, with ``T == S`` or ``T == 1`` (SDPA's ``is_causal`` aligns the
     triangle top-left, which is wrong for ``1 < T < S``)."""
-    s, t = k.length, q.length
-    if t not in (1, s) or not bool(k.valid.all()):
+    return causal_is_trivial_at(q.position, k.position, k.valid)
+
+
+def causal_is_trivial_at(q_position: torch.Tensor, k_position: torch.Tensor, k_valid: torch.Tensor) -> bool:
+    """``causal_is_trivial`` from the query positions ``(B, T)`` and the key positions and validity ``(B, S)`` alone
+    (what a decode step needs; saves gathering every layout field of a pruned layer's keys)."""
+    s, t = k_position.shape[1], q_position.shape[1]
+    if t not in (1, s) or not bool(k_valid.all()):
         return False
-    kp = k.position
+    kp = k_position
     if s > 1 and not bool((kp[:, 1:] > kp[:, :-1]).all()):
         return False
-    return bool((q.position == kp[:, s - t:]).all())
+    return bool((q_position == kp[:, s - t:]).all())
 
 
-__all__ = ["base_mask", "causal_is_trivial"]
+__all__ = ["base_mask", "causal_is_trivial", "causal_is_trivial_at"]
