@@ -8,6 +8,7 @@ from typing import Any
 from torch import nn
 
 from ..errors import HFKanConfigError, UnsupportedModelError
+from .arguments import argument_options
 from .config import CONFIG_ATTRIBUTE, MMAConfig, PatchConfig, _parse_sub
 from .dyvte import attach_routers, router_hook
 from .dyvte_config import DyVTEConfig, resolve_dyvte
@@ -29,11 +30,7 @@ def _resolve_mma(value, current: MMAConfig | None, template_source, vocab_size: 
     if isinstance(value, MMAConfig):
         cfg = value
     else:
-        if value is True:
-            value = {}
-        if not isinstance(value, dict):
-            raise HFKanConfigError(f"mma must be True, False, None, a dict of options or an MMAConfig; got {value!r}")
-        value = dict(value)
+        value = argument_options("mma", value, MMAConfig)
         if "assistant_token_ids" not in value:
             if template_source is not None:
                 value["assistant_token_ids"] = assistant_opener_ids(template_source)

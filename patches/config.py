@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import HFKanConfigError
+from .arguments import check_option_names
 from .dyvte_config import DyVTEConfig
 from .pruning_config import PruneConfig
 from .var_config import VARConfig
@@ -128,10 +129,7 @@ def _parse_sub(name: str, sub_cls: type, value: Any):
         return value
     if not isinstance(value, dict):
         raise HFKanConfigError(f"hf_kan.{name} must be a dict of options or null, got {value!r}")
-    fields = {f.name for f in dataclasses.fields(sub_cls)}
-    unknown = sorted(set(value) - fields)
-    if unknown:
-        raise HFKanConfigError(f"unknown option(s) {unknown} for patch {name!r}; valid options: {sorted(fields)}")
+    check_option_names(name, value, sub_cls)
     try:
         return sub_cls(**value)
     except TypeError as e:  # a required option is missing

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import HFKanConfigError
+from .arguments import argument_options
 
 #: the authors' router width (LLaVA-1.5 7B/13B)
 PAPER_ROUTER_HIDDEN = 2048
@@ -89,19 +90,12 @@ def resolve_dyvte(value, current: DyVTEConfig | None, num_layers: int, hidden_si
         return None
     elif isinstance(value, DyVTEConfig):
         cfg = value
-    elif value is True or isinstance(value, dict):
-        opts = {} if value is True else dict(value)
-        fields = {f.name for f in dataclasses.fields(DyVTEConfig)}
-        unknown = sorted(set(opts) - fields)
-        if unknown:
-            raise HFKanConfigError(f"unknown option(s) {unknown} for patch 'dyvte'; valid options: {sorted(fields)}")
-        if current is not None:
-            opts = {**current.to_dict(), **opts}
-            if "force_exit_layer" not in (value if isinstance(value, dict) else {}):
-                opts["force_exit_layer"] = None  # a forced exit is never inherited silently
-        cfg = DyVTEConfig(**opts)
     else:
-        raise HFKanConfigError(f"dyvte must be True, False, None, a dict of options or a DyVTEConfig; got {value!r}")
+        opts = argument_options("dyvte", value, DyVTEConfig)
+        if current is not None:
+            inherited = {**current.to_dict(), "force_exit_layer": None}  # a forced exit is never inherited silently
+            opts = {**inherited, **opts}
+        cfg = DyVTEConfig(**opts)
     if cfg is None:
         return None
     if num_layers < 2:

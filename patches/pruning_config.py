@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import HFKanConfigError
+from .arguments import argument_options
 
 #: ``method`` presets: the stage layers and keep ratios of the papers' default settings.
 METHODS: dict[str, dict[str, Any]] = {
@@ -128,19 +129,10 @@ def resolve_prune(value, current: PruneConfig | None, num_layers: int) -> PruneC
         cfg = value
     elif value is True or isinstance(value, str):
         cfg = PruneConfig.preset("fastv" if value is True else value)
-    elif isinstance(value, dict):
-        opts = dict(value)
-        method = opts.pop("method", None)
-        import dataclasses
-
-        unknown = sorted(set(opts) - {f.name for f in dataclasses.fields(PruneConfig)})
-        if unknown:
-            raise HFKanConfigError(f"unknown option(s) {unknown} for patch 'prune'")
-        cfg = PruneConfig.preset(method, **opts) if method and method != "custom" else PruneConfig(**opts)
     else:
-        raise HFKanConfigError(
-            f"prune must be True, False, None, 'fastv', 'pdrop', a dict of options or a PruneConfig; got {value!r}"
-        )
+        opts = argument_options("prune", value, PruneConfig, extra_forms="'fastv', 'pdrop', ")
+        method = opts.pop("method", None)
+        cfg = PruneConfig.preset(method, **opts) if method and method != "custom" else PruneConfig(**opts)
     if cfg is not None and cfg.layers[-1] >= num_layers:
         raise HFKanConfigError(
             f"prune.layers {list(cfg.layers)} reach beyond this model's {num_layers} decoder layers; pick layers < "

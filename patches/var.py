@@ -29,6 +29,7 @@ from collections.abc import Callable
 import torch
 
 from ..errors import HFKanConfigError, InputLayoutError
+from .arguments import argument_options
 from .layout import modality_codes
 from .runtime import PatchRuntime
 from .var_config import VARConfig, default_var_layers
@@ -209,11 +210,7 @@ def resolve_var(value, current: VARConfig | None, model, num_layers: int) -> VAR
     if isinstance(value, VARConfig):
         cfg = value
     else:
-        if value is True:
-            value = {}
-        if not isinstance(value, dict):
-            raise HFKanConfigError(f"var must be True, False, None, a dict of options or a VARConfig; got {value!r}")
-        value = dict(value)
+        value = argument_options("var", value, VARConfig)
         if "sink_dims" not in value:
             if current is not None:
                 value["sink_dims"] = current.sink_dims
