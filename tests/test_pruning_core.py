@@ -20,14 +20,7 @@ MMA = {"assistant_token_ids": [V.ASSISTANT]}
 GEN = dict(max_new_tokens=4, do_sample=False, suppress_tokens=V.SUPPRESS, return_dict_in_generate=True,
            output_logits=True)
 
-_MODELS: dict = {}
-
-
-def model_for(family, impl="hf_kan"):
-    key = (family, impl)
-    if key not in _MODELS:
-        _MODELS[key] = V.build(family, impl, num_layers=LAYERS)
-    return _MODELS[key]
+model_for = V.module_model_cache(LAYERS)
 
 
 def pruned(family, mma=False, **prune):

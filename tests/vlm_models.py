@@ -120,6 +120,21 @@ def build(family: str, attn_implementation="sdpa", seed: int = 0, num_layers: in
     return model.eval()
 
 
+def module_model_cache(num_layers: int):
+    """A ``model_for(family, impl="hf_kan")`` that builds each tiny model once per test module.
+
+    Each call returns its own cache, so patches that one test module applies never reach another module's models.
+    """
+    cache: dict = {}
+
+    def model_for(family: str, impl: str = "hf_kan"):
+        if (family, impl) not in cache:
+            cache[family, impl] = build(family, impl, num_layers=num_layers)
+        return cache[family, impl]
+
+    return model_for
+
+
 # ----------------------------------------------------------------------------------------------- inputs
 
 
