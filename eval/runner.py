@@ -143,14 +143,14 @@ class Runner:
         self.saved_patches = patches.status(model)["patches"]
         """the patch options saved in the checkpoint (``None`` fields of a ``PatchSetting`` fall back to these)"""
         self.setting = PatchSetting(name="checkpoint")
-        config = model.config
-        self._visual_ids = [i for i in (getattr(config, "image_token_id", None), getattr(config, "video_token_id", None))
-                            if i is not None]
+        ids = (getattr(model.config, "image_token_id", None), getattr(model.config, "video_token_id", None))
+        self._visual_ids = [i for i in ids if i is not None]
 
     @classmethod
     def from_pretrained(cls, path: str, *, setting: PatchSetting | str | None = None, dtype=None, device=None,
                         **runner_kwargs: Any) -> Runner:
-        """``Runner(*load_model(path, dtype=dtype, device=device), **runner_kwargs)``, then :meth:`apply` ``setting``."""
+        """``Runner(*load_model(path, dtype=dtype, device=device), **runner_kwargs)``, then :meth:`apply`
+        ``setting``."""
         model, processor = load_model(path, dtype=dtype, device=device)
         runner = cls(model, processor, **runner_kwargs)
         if setting is not None:
@@ -180,14 +180,17 @@ class Runner:
     def format_prompt(self, question: str, num_images: int) -> str:
         """The prompt text of one user turn (``num_images`` image placeholders, then ``question``) ending where the
         assistant's answer starts: the processor's chat template, else the tokenizer's, else
-        ``"<image> ... <image> question"``."""
+        ``"<image> ... <image> question"``. A question that already holds its ``num_images`` image placeholders (as
+        some lmms-eval tasks write them) gets none added."""
+        image_token = getattr(self.processor, "image_token", None) or "<image>"
+        if num_images and question.count(image_token) == num_images:
+            num_images = 0
         content = [{"type": "image"}] * num_images + [{"type": "text", "text": question}]
         messages = [{"role": "user", "content": content}]
         template = getattr(self.processor, "chat_template", None) or getattr(self.tokenizer, "chat_template", None)
         if template is not None and hasattr(self.processor, "apply_chat_template"):
             return self.processor.apply_chat_template(messages, chat_template=template, add_generation_prompt=True,
                                                       tokenize=False)
-        image_token = getattr(self.processor, "image_token", None) or "<image>"
         return " ".join([image_token] * num_images + [question])
 
     def _encode(self, texts: list[str], samples: Sequence[EvalSample]) -> dict[str, torch.Tensor]:
@@ -253,7 +256,7 @@ class Runner:
         else:
             records = [self._sample_efficiency(s) for s in batch]
         gens = []
-        for b, sample in enumerate(batch):
+        for b in range(len(batch)):
             ids = new_ids[b].tolist()
             text = self.tokenizer.decode(ids, skip_special_tokens=True)
             gens.append(Generation(_truncate(text, until).strip(), ids, records[b], dict(timing)))
@@ -281,8 +284,8 @@ class Runner:
             exit_layer = None if exits is None else int(exits[0])
         return EfficiencyRecord(visual_tokens=visual, visual_tokens_kept=kept[-1] if kept else visual,
                                 visual_token_budget=float(budget), prefill_flops=float(report.flops),
-                                kv_cache_bytes=int(report.kv_cache_bytes), tokens_per_layer=list(report.tokens_per_layer),
-                                exit_layer=exit_layer)
+                                kv_cache_bytes=int(report.kv_cache_bytes),
+                                tokens_per_layer=list(report.tokens_per_layer), exit_layer=exit_layer)
 
     # ------------------------------------------------------------------------------------------------- likelihood
     @torch.no_grad()
