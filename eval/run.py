@@ -6,8 +6,6 @@
 Prints one row per setting (task metric, efficiency means, timings) on the main process and, with ``--output-json``,
 writes the full results (per-sample answers and records included). On a machine without GPUs a multi-process launch
 joins the processes into one gloo group (``hf_kan.train.runtime.make_accelerator``); the group is shut down at the end.
-
-Also defines ``hf-kan lmms-tasks``: print the folder to pass to lmms-eval's ``--include_path``.
 """
 
 from __future__ import annotations
@@ -79,28 +77,6 @@ def run(args: argparse.Namespace) -> int:
     finally:
         accelerator.end_training()  # destroys the process group of a multi-process run (else gloo can hang at exit)
     return 0
-
-
-def print_include_path(args: argparse.Namespace) -> int:
-    from .tasks import available_tasks, get_task, include_path
-
-    if args.list:
-        for name in available_tasks():
-            print(f"{name}\t{get_task(name).description}")
-    else:
-        print(include_path())
-    return 0
-
-
-def add_subparser(subparsers) -> None:
-    """``hf-kan lmms-tasks``: print the lmms-eval ``--include_path`` of the shipped tasks (``--list``: their names)."""
-    parser = subparsers.add_parser(
-        "lmms-tasks", help="print the folder of hf-kan's lmms-eval tasks (for --include_path)",
-        description="Print the folder holding hf-kan's lmms-eval task YAMLs, to pass as lmms-eval's --include_path: "
-                    "lmms-eval --model hf_kan --model_args pretrained=DIR --tasks hf_kan_digits "
-                    "--include_path \"$(hf-kan lmms-tasks)\"")
-    parser.add_argument("--list", action="store_true", help="list the shipped task names instead")
-    parser.set_defaults(func=print_include_path)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

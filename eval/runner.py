@@ -104,8 +104,13 @@ def load_model(path: str, *, dtype: torch.dtype | str | None = None, device: str
     from .. import patches
 
     kwargs = dict(from_pretrained_kwargs)
+    if isinstance(dtype, str) and dtype != "auto":
+        if not isinstance(getattr(torch, dtype, None), torch.dtype):
+            raise HFKanConfigError(f"unknown dtype {dtype!r}; use a torch dtype name such as 'float32' or 'bfloat16', "
+                                   "or 'auto'")
+        dtype = getattr(torch, dtype)
     if dtype is not None:
-        kwargs["dtype"] = getattr(torch, dtype) if isinstance(dtype, str) and dtype != "auto" else dtype
+        kwargs["dtype"] = dtype
     model = patches.from_pretrained(AutoModelForImageTextToText, path, **kwargs)
     model.to(torch.device(device) if device is not None else torch.device("cpu")).eval()
     processor = AutoProcessor.from_pretrained(path)

@@ -120,6 +120,26 @@ def digits_dataset(split: str = "test"):
     )
 
 
+def _print_include_path(args) -> int:
+    if args.list:
+        for name in available_tasks():
+            print(f"{name}\t{get_task(name).description}")
+    else:
+        print(include_path())
+    return 0
+
+
+def add_subparser(subparsers) -> None:
+    """``hf-kan lmms-tasks``: print the lmms-eval ``--include_path`` of the shipped tasks (``--list``: their names)."""
+    parser = subparsers.add_parser(
+        "lmms-tasks", help="print the folder of hf-kan's lmms-eval tasks (for --include_path)",
+        description="Print the folder holding hf-kan's lmms-eval task YAMLs, to pass as lmms-eval's --include_path: "
+                    "lmms-eval --model hf_kan --model_args pretrained=DIR --tasks hf_kan_digits "
+                    "--include_path \"$(hf-kan lmms-tasks)\"")
+    parser.add_argument("--list", action="store_true", help="list the shipped task names instead")
+    parser.set_defaults(func=_print_include_path)
+
+
 register_task(TaskSpec(name="hf_kan_digits", build=digits_dataset, max_new_tokens=1,
                        description="embedded digits as one-word visual question answering (smoke task)"))
 

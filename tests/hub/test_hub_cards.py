@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import yaml
-from transformers import AutoModelForImageClassification, ViTConfig, ViTForImageClassification
+from transformers import AutoModelForImageClassification, ViTConfig, ViTForImageClassification, ViTImageProcessor
 
 import hf_kan.hub as hub
 from hf_kan.errors import HFKanConfigError
@@ -97,9 +97,10 @@ def test_push_to_hub_uploads_the_rendered_card_without_network(monkeypatch):
 
     monkeypatch.setattr("transformers.utils.hub.hf_api", lambda: FakeApi())
     monkeypatch.setattr(KATForImageClassification, "_upload_modified_files", fake_upload, raising=False)
-    assert model.push_to_hub("kat-test", tags=["extra-tag"]) == "ok"
+    processor = ViTImageProcessor(size={"height": 32, "width": 32})
+    assert model.push_to_hub("kat-test", tags=["extra-tag"], image_processor=processor) == "ok"
     assert uploaded["repo_id"] == "user/kat-test"
-    assert {"README.md", "config.json", "model.safetensors"} <= set(uploaded["files"])
+    assert {"README.md", "config.json", "model.safetensors", "preprocessor_config.json"} <= set(uploaded["files"])
     meta, body = split_card(uploaded["card"])
     assert "extra-tag" in meta["tags"] and "Kolmogorov-Arnold Transformer" in body
     assert 'from_pretrained("user/kat-test")' in body
