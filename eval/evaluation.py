@@ -32,21 +32,22 @@ class TaskResult:
     ``timing``, ``meta``)."""
 
     task: str
+    split: str
     setting: dict[str, Any]
     num_samples: int
     metrics: dict[str, float]
     samples: list[dict[str, Any]] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
-        return {"task": self.task, "setting": self.setting, "num_samples": self.num_samples, "metrics": self.metrics,
-                "samples": self.samples}
+        return {"task": self.task, "split": self.split, "setting": self.setting, "num_samples": self.num_samples,
+                "metrics": self.metrics, "samples": self.samples}
 
 
 def _mean(values: Sequence[float]) -> float:
     return float(sum(values) / len(values)) if values else float("nan")
 
 
-def summarise(task: str, setting: PatchSetting, rows: list[dict[str, Any]]) -> TaskResult:
+def summarise(task: str, split: str, setting: PatchSetting, rows: list[dict[str, Any]]) -> TaskResult:
     """Score gathered per-sample ``rows`` (``prediction``, ``answer``, ``efficiency``, ``timing``, ``meta``) with the
     task's metric module and average the efficiency and timing figures."""
     from .metrics import load_metric
@@ -67,9 +68,10 @@ def summarise(task: str, setting: PatchSetting, rows: list[dict[str, Any]]) -> T
     if records:
         for name in EFFICIENCY_METRICS:
             metrics[name] = _mean([rec[name] for rec in records])
-    metrics["prefill_seconds"] = _mean([r["timing"]["prefill_s"] / r["timing"]["batch_size"] for r in rows])
-    metrics["decode_seconds"] = _mean([r["timing"]["decode_s"] / r["timing"]["batch_size"] for r in rows])
-    return TaskResult(task=task, setting=setting.as_dict(), num_samples=len(rows), metrics=metrics, samples=rows)
+    for name, key in zip(TIMING_METRICS, ("prefill_s", "decode_s")):
+        metrics[name] = _mean([r["timing"][key] / r["timing"]["batch_size"] for r in rows])
+    return TaskResult(task=task, split=split, setting=setting.as_dict(), num_samples=len(rows), metrics=metrics,
+                      samples=rows)
 
 
 def evaluate_task(runner: Runner, task: str = "hf_kan_digits", settings: Iterable[PatchSetting | str] = ("checkpoint",),
@@ -83,6 +85,7 @@ def evaluate_task(runner: Runner, task: str = "hf_kan_digits", settings: Iterabl
     from .tasks import get_task, task_samples
 
     spec = get_task(task)
+    split = split or spec.split
     samples = task_samples(task, split=split, limit=limit)
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator is not None else (0, 1)
     indices = list(range(rank, len(samples), world))
@@ -102,7 +105,7 @@ def evaluate_task(runner: Runner, task: str = "hf_kan_digits", settings: Iterabl
             from accelerate.utils import gather_object
 
             rows = sorted(gather_object(rows), key=lambda r: r["index"])
-        results.append(summarise(task, setting, rows))
+        results.append(summarise(task, split, setting, rows))
     return results
 
 

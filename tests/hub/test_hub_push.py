@@ -144,7 +144,7 @@ def test_hf_kan_push_patched_vlm_with_eval_results(hub, run_against_hub, tmp_pat
         for metric in ("answer_accuracy", "visual_tokens_kept", "prefill_flops", "kv_cache_bytes"):
             assert by_setting[(result.setting["name"], metric)] == pytest.approx(result.metrics[metric])
     assert not any("seconds" in metric for _, metric in by_setting)  # timings are machine-dependent: not in the card
-    assert all(r.dataset_name == "hf_kan_digits" for r in card.data.eval_results)
+    assert all(r.dataset_name == "hf_kan_digits" and r.dataset_split == "test" for r in card.data.eval_results)
     for text in ("pip install hf-kan", "import hf_kan", "patches.from_pretrained(AutoModelForImageTextToText",
                  "`prune` | `keep_ratios` | `[0.5]`", "@article{chen2024fastv", "@article{aki2025mma"):
         assert text in card.text, text
