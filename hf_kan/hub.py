@@ -1,36 +1,40 @@
-"""Model cards for every hf-kan model family, written by ``save_pretrained`` and ``push_to_hub``.
+"""Model cards and Hub uploads for everything hf-kan saves: KAT / KArAt models, patched VLMs, MoH (PEFT) adapters.
 
-A card is a ``README.md``: YAML front matter (``library_name: transformers``, ``pipeline_tag``, ``tags``,
-``license``, optional ``base_model``, ``datasets`` and ``model-index`` metrics) followed by a Markdown
-body rendered from the template ``model_cards/<model_type>.md`` (installed as ``hf_kan.model_cards``),
-falling back to ``model_cards/default.md``. A new family only adds its template.
+A card is a ``README.md``: YAML front matter (``library_name``, ``pipeline_tag``, ``tags``, ``license``, optional
+``base_model``, ``datasets`` and ``model-index`` evaluation results that ``huggingface_hub.ModelCard`` parses)
+followed by a Markdown body rendered from a template in ``model_cards/`` (installed as ``hf_kan.model_cards``):
 
-What the card says about a checkpoint (where it was converted from, its base model, measured metrics)
-lives in ``config.model_card_info`` (a plain dict saved with the config, so it survives
-``save_pretrained`` / ``from_pretrained``); set it with :func:`set_model_card_info`.
+- models: ``<model_type>.md`` (``kat.md``, ``karat.md``), else ``default.md``;
+- vision-language models whose config carries an ``hf_kan`` patch section: ``patched_vlm.md``;
+- PEFT adapters: ``<peft_type>.md`` (e.g. ``moh.md``), else ``peft_adapter.md``.
 
-Templates use :class:`string.Template` placeholders (``${name}``); the variables are:
+What the card says about a checkpoint (where it was converted from, its base model, measured metrics, evaluation
+results) lives in ``config.model_card_info`` (a plain dict saved with the config, so it survives ``save_pretrained``
+/ ``from_pretrained``); set it with :func:`set_model_card_info`. Results of ``hf_kan.eval`` become ``model-index``
+entries through :func:`eval_results_from_runner`.
 
-=====================  =======================================================================
-``title``              model name (``model_name`` in the card info, else the directory / repo name)
-``model_type``         ``config.model_type``
-``architecture``       the model class, e.g. ``KATForImageClassification``
-``repo_id``            where to load it from (Hub repo id, or a placeholder path)
-``num_parameters``     parameter count, e.g. ``5,718,328``
-``config_table``       Markdown table of the family's own config fields
-``usage``              a Python snippet loading the model with the Auto classes
-``provenance``         converted-from / base-model / training sentence(s)
-``metrics_table``      Markdown table of the recorded metrics (or a sentence saying there are none)
-``hf_kan_version``     the hf-kan version that wrote the card
-``license``            the license identifier
-=====================  =======================================================================
+Templates use :class:`string.Template` placeholders (``${name}``). Every card gets ``title``, ``repo_id``,
+``num_parameters``, ``usage`` (``pip install hf-kan``, then Python that imports ``hf_kan`` before loading),
+``metrics_table``, ``citations`` (BibTeX of the methods the checkpoint uses, from ``model_cards/citations``),
+``hf_kan_version`` and ``license``; models also ``model_type``, ``architecture``, ``config_table`` (the family's own
+config fields) and ``provenance``; patched VLMs also ``active_patches`` and ``patches_table``; adapters also
+``method``, ``peft_type``, ``base_model_text`` and ``config_table`` (the adapter's config fields).
+
+Uploads: :func:`push_to_hub` (a model or adapter object, optionally with its processor) and :func:`push_directory`
+(``hf-kan push DIR REPO_ID``, a saved directory, no weights loaded) write everything, card included, in ONE commit,
+so no generic card is ever uploaded in between. KAT / KArAt models also render their card in ``save_pretrained`` and
+``push_to_hub`` (:class:`ModelCardMixin`). A processor pushed later with the stock ``processor.push_to_hub`` keeps the
+hf-kan card: Transformers reloads the card already on the Hub and only adds tags.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+import re
 import tempfile
+from collections.abc import Iterable, Sequence
 from importlib import resources
 from pathlib import Path
 from string import Template
@@ -57,10 +61,18 @@ CARD_INFO_KEYS = (
     "license",
     "tags",
     "training",
+    "eval_results",
 )
 DEFAULT_LICENSE = "apache-2.0"
-PIPELINE_TAGS = {"ImageClassification": "image-classification"}
+PIPELINE_TAGS = {"ImageClassification": "image-classification", "ForConditionalGeneration": "image-text-to-text",
+                 "ImageTextToText": "image-text-to-text", "CausalLM": "text-generation"}
+#: task type of evaluation results whose model has no pipeline tag
+DEFAULT_EVAL_TASK_TYPE = "visual-question-answering"
+#: runner metrics left out of model-index by default (they depend on the machine, not the model)
+MACHINE_DEPENDENT_METRICS = ("prefill_seconds", "decode_seconds")
 _SKIP_CONFIG_FIELDS = {"model_card_info"}
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_PATCH_CITATIONS = {"mma": ["aki"], "var": ["var"], "dyvte": ["dyvte"]}
 
 
 def set_model_card_info(config_or_model: Any, **info: Any) -> dict[str, Any]:
@@ -70,7 +82,7 @@ def set_model_card_info(config_or_model: Any, **info: Any) -> dict[str, Any]:
     checkpoint); ``datasets`` (list of dataset names); ``metrics`` (``{name: value}``); ``metrics_dataset``
     (the dataset the metrics were measured on); ``metrics_source`` (who measured them, e.g.
     ``"reported by the authors"``) and ``metrics_source_url``; ``license``; ``tags`` (extra tags);
-    ``training`` (a free-text sentence).
+    ``training`` (a free-text sentence); ``eval_results`` (rows from :func:`eval_results_from_runner`).
     Returns the merged dict. Unknown keys raise :class:`HFKanConfigError`.
     """
     config = getattr(config_or_model, "config", config_or_model)
@@ -83,13 +95,53 @@ def set_model_card_info(config_or_model: Any, **info: Any) -> dict[str, Any]:
     return merged
 
 
-def load_template(model_type: str) -> str:
-    """Text of ``model_cards/<model_type>.md`` from the installed ``hf_kan.model_cards``, else ``default.md``."""
+def eval_results_from_runner(results: Iterable[Any], *, metrics: Sequence[str] | None = None,
+                             exclude: Sequence[str] = MACHINE_DEPENDENT_METRICS) -> list[dict[str, Any]]:
+    """Card rows from ``hf_kan.eval`` results: ``TaskResult`` objects, their ``as_dict()`` or the ``results`` list
+    of the JSON that ``python -m hf_kan.eval.run --output-json`` writes.
+
+    One row ``{"task", "split", "setting", "metric", "value", "num_samples"}`` per (result, metric): every metric of
+    the result (task metric, per-group accuracies, efficiency means) unless ``metrics`` names the ones to keep;
+    timings are left out (``exclude``). Pass the rows to ``set_model_card_info(model, eval_results=rows)`` or to
+    ``push_to_hub`` / ``push_directory``; they become ``model-index`` entries (one per metric and patch setting,
+    the setting in the entry's ``config`` and name).
+    """
+    rows = []
+    for result in results:
+        result = result.as_dict() if hasattr(result, "as_dict") else dict(result)
+        setting = result.get("setting") or {}
+        name = setting.get("name", "checkpoint") if isinstance(setting, dict) else str(setting)
+        for metric, value in (result.get("metrics") or {}).items():
+            if (metrics is not None and metric not in metrics) or metric in exclude:
+                continue
+            rows.append({"task": result["task"], "split": result.get("split"), "setting": name, "metric": metric,
+                         "value": value, "num_samples": result.get("num_samples")})
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------------- templates
+
+
+def load_template(name: str, *fallbacks: str) -> str:
+    """Text of the first of ``model_cards/<name>.md``, ``<fallback>.md`` ... that exists, else ``default.md``."""
     cards = resources.files("hf_kan.model_cards")
-    path = cards / f"{model_type}.md"
-    if not path.is_file():
-        path = cards / "default.md"
-    return path.read_text(encoding="utf-8")
+    for candidate in (name, *fallbacks):
+        path = cards / f"{candidate}.md"
+        if path.is_file():
+            return path.read_text(encoding="utf-8")
+    return (cards / "default.md").read_text(encoding="utf-8")
+
+
+def citation(key: str) -> str:
+    """BibTeX entry ``model_cards/citations/<key>.bib``."""
+    return (resources.files("hf_kan.model_cards") / "citations" / f"{key}.bib").read_text(encoding="utf-8").strip()
+
+
+def _citations_block(keys: Iterable[str]) -> str:
+    keys = list(dict.fromkeys(keys))
+    if not keys:
+        return "No method papers apply to this checkpoint."
+    return "```bibtex\n" + "\n\n".join(citation(k) for k in keys) + "\n```"
 
 
 def _own_config_fields(config: PreTrainedConfig) -> list[tuple[str, Any]]:
@@ -107,24 +159,38 @@ def _own_config_fields(config: PreTrainedConfig) -> list[tuple[str, Any]]:
     return rows
 
 
-def _config_table(config: PreTrainedConfig) -> str:
-    rows = _own_config_fields(config)
-    if getattr(config, "num_labels", None) is not None:
-        rows.append(("num_labels", config.num_labels))
+def _table(rows: Iterable[tuple[str, Any]]) -> str:
     lines = ["| field | value |", "|---|---|"]
     lines += [f"| `{name}` | `{value!r}` |" for name, value in rows]
     return "\n".join(lines)
 
 
+def _config_table(config: PreTrainedConfig) -> str:
+    rows = _own_config_fields(config)
+    if getattr(config, "num_labels", None) is not None:
+        rows.append(("num_labels", config.num_labels))
+    return _table(rows)
+
+
 def _metrics_table(info: dict[str, Any]) -> str:
     metrics = info.get("metrics") or {}
-    if not metrics:
+    evals = info.get("eval_results") or []
+    if not metrics and not evals:
         return "No evaluation results are recorded for this checkpoint."
-    dataset = info.get("metrics_dataset", "-")
-    source = info.get("metrics_source", "measured with hf-kan")
-    lines = ["| metric | value | dataset | source |", "|---|---|---|---|"]
-    lines += [f"| {name} | {value} | {dataset} | {source} |" for name, value in metrics.items()]
-    return "\n".join(lines)
+    parts = []
+    if metrics:
+        dataset = info.get("metrics_dataset", "-")
+        source = info.get("metrics_source", "measured with hf-kan")
+        lines = ["| metric | value | dataset | source |", "|---|---|---|---|"]
+        lines += [f"| {name} | {value} | {dataset} | {source} |" for name, value in metrics.items()]
+        parts.append("\n".join(lines))
+    if evals:
+        lines = ["Measured with `hf_kan.eval` (one row per patch setting and metric):", "",
+                 "| task | split | patch setting | metric | value | samples |", "|---|---|---|---|---|---|"]
+        lines += [f"| {r['task']} | {r.get('split') or '-'} | `{r['setting']}` | {r['metric']} | {r['value']:.6g} | "
+                  f"{r.get('num_samples') or '-'} |" for r in evals]
+        parts.append("\n".join(lines))
+    return "\n\n".join(parts)
 
 
 def _provenance(info: dict[str, Any]) -> str:
@@ -150,14 +216,11 @@ def _pipeline_tag(architecture: str) -> str | None:
     return None
 
 
-def _front_matter(config: PreTrainedConfig, info: dict[str, Any], architecture: str, title: str) -> str:
-    tags = ["hf-kan", config.model_type, "vision"]
-    tags += [t for t in info.get("tags", []) if t not in tags]
-    pipeline_tag = _pipeline_tag(architecture)
-    eval_results = None
+def _eval_result_objects(info: dict[str, Any], pipeline_tag: str | None) -> list[EvalResult]:
+    out = []
     metrics = info.get("metrics") or {}
     if metrics and pipeline_tag and info.get("metrics_dataset"):
-        eval_results = [
+        out += [
             EvalResult(
                 task_type=pipeline_tag,
                 dataset_type=str(info["metrics_dataset"]),
@@ -170,12 +233,26 @@ def _front_matter(config: PreTrainedConfig, info: dict[str, Any], architecture: 
             )
             for name, value in metrics.items()
         ]
+    for row in info.get("eval_results") or []:
+        out.append(EvalResult(
+            task_type=pipeline_tag or DEFAULT_EVAL_TASK_TYPE, dataset_type=str(row["task"]),
+            dataset_name=str(row["task"]), dataset_split=row.get("split"), metric_type=str(row["metric"]),
+            metric_value=row["value"], metric_name=f"{row['metric']} ({row['setting']})",
+            metric_config=str(row["setting"]),
+        ))
+    return out
+
+
+def _front_matter(*, title: str, tags: list[str], info: dict[str, Any], pipeline_tag: str | None,
+                  library_name: str, base_model: str | None = None) -> str:
+    tags = list(dict.fromkeys([*tags, *info.get("tags", [])]))
+    eval_results = _eval_result_objects(info, pipeline_tag) or None
     data = ModelCardData(
-        library_name="transformers",
+        library_name=library_name,
         pipeline_tag=pipeline_tag,
         tags=tags,
         license=info.get("license", DEFAULT_LICENSE),
-        base_model=info.get("base_model"),
+        base_model=base_model or info.get("base_model"),
         datasets=info.get("datasets"),
         model_name=title if eval_results else None,
         eval_results=eval_results,
@@ -183,40 +260,104 @@ def _front_matter(config: PreTrainedConfig, info: dict[str, Any], architecture: 
     return "---\n" + data.to_yaml() + "\n---\n"
 
 
-def render_model_card(model: Any, repo_id: str | None = None) -> str:
-    """Render the README.md of ``model`` (a ``PreTrainedModel``): front matter and the family's template body."""
+def _install_then(python_lines: Iterable[str]) -> str:
+    return "\n".join(["```bash", "pip install hf-kan", "```", "", "```python", *python_lines, "```"])
+
+
+# ----------------------------------------------------------------------------------------------------- models
+
+
+def _patch_section(config: PreTrainedConfig) -> dict[str, Any]:
+    """The ``hf_kan`` patch section of a (vision-language) config, without its version (``{}`` when absent)."""
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    section = getattr(text_config, "hf_kan", None) or {}
+    return {k: v for k, v in section.items() if k != "version" and v is not None}
+
+
+def _patch_citations(section: dict[str, Any]) -> list[str]:
+    keys = []
+    for name, options in section.items():
+        keys += _PATCH_CITATIONS.get(name, [])
+        if name == "prune":
+            scorer = str((options or {}).get("scorer", "fastv"))
+            keys.append("pdrop" if scorer.startswith("pdrop") else "fastv")
+            if (options or {}).get("debias"):
+                keys.append("debias")
+    return keys
+
+
+def _patches_table(section: dict[str, Any]) -> str:
+    lines = ["| patch | option | value |", "|---|---|---|"]
+    for name, options in section.items():
+        for key, value in (options or {}).items():
+            lines.append(f"| `{name}` | `{key}` | `{json.dumps(value)}` |")
+    return "\n".join(lines)
+
+
+def render_config_card(config: PreTrainedConfig, *, architecture: str, num_parameters: int,
+                       repo_id: str | None = None, extra_info: dict[str, Any] | None = None) -> str:
+    """The README.md of a model with ``config``, class name ``architecture`` and ``num_parameters`` parameters (what
+    :func:`render_model_card` and :func:`push_directory` use; no weights needed). ``extra_info`` is merged over the
+    config's ``model_card_info``."""
     from . import __version__
 
-    config = model.config
-    info = dict(getattr(config, CARD_INFO_ATTR, None) or {})
-    architecture = type(model).__name__
+    info = {**(getattr(config, CARD_INFO_ATTR, None) or {}), **(extra_info or {})}
     title = info.get("model_name") or (repo_id.rsplit("/", 1)[-1] if repo_id else f"{config.model_type} model")
     location = repo_id or "path/to/this/model"
-    usage = "\n".join(
-        [
-            "```python",
-            "import hf_kan  # registers the hf-kan model types with the Auto classes",
-            "from transformers import AutoModelForImageClassification",
-            "",
-            f'model = AutoModelForImageClassification.from_pretrained("{location}")',
-            "```",
-        ]
-    )
+    section = _patch_section(config)
     fields = {
         "title": title,
         "model_type": config.model_type,
         "architecture": architecture,
         "repo_id": location,
-        "num_parameters": f"{sum(p.numel() for p in model.parameters()):,}",
-        "config_table": _config_table(config),
-        "usage": usage,
+        "num_parameters": f"{num_parameters:,}",
         "provenance": _provenance(info),
         "metrics_table": _metrics_table(info),
         "hf_kan_version": __version__,
         "license": info.get("license", DEFAULT_LICENSE),
     }
-    body = Template(load_template(config.model_type)).safe_substitute(fields)
-    return _front_matter(config, info, architecture, title) + body
+    tags = ["hf-kan", config.model_type]
+    if section:
+        template = load_template("patched_vlm")
+        tags += ["vision-language", *[f"hf-kan-{name}" for name in section]]
+        fields.update(
+            active_patches=", ".join(f"`{name}`" for name in section),
+            patches_table=_patches_table(section),
+            citations=_citations_block(_patch_citations(section)),
+            usage=_install_then([
+                "import hf_kan  # registers the \"hf_kan\" attention implementation and the patches",
+                "from hf_kan import patches",
+                "from transformers import AutoModelForImageTextToText, AutoProcessor",
+                "",
+                f'model = patches.from_pretrained(AutoModelForImageTextToText, "{location}")',
+                f'processor = AutoProcessor.from_pretrained("{location}")',
+                "print(patches.status(model))  # the active patches and their options",
+            ]),
+        )
+    else:
+        template = load_template(config.model_type)
+        tags.append("vision")
+        fields.update(
+            config_table=_config_table(config),
+            citations=_citations_block([]),
+            usage=_install_then([
+                "import hf_kan  # registers the hf-kan model types with the Auto classes",
+                "from transformers import AutoImageProcessor, AutoModelForImageClassification",
+                "",
+                f'model = AutoModelForImageClassification.from_pretrained("{location}")',
+                f'image_processor = AutoImageProcessor.from_pretrained("{location}")',
+            ]),
+        )
+    body = Template(template).safe_substitute(fields)
+    return _front_matter(title=title, tags=tags, info=info, pipeline_tag=_pipeline_tag(architecture),
+                         library_name="transformers") + body
+
+
+def render_model_card(model: Any, repo_id: str | None = None, *, extra_info: dict[str, Any] | None = None) -> str:
+    """Render the README.md of ``model`` (a ``PreTrainedModel``): front matter and the family's template body."""
+    return render_config_card(model.config, architecture=type(model).__name__,
+                              num_parameters=sum(p.numel() for p in model.parameters()), repo_id=repo_id,
+                              extra_info=extra_info)
 
 
 def write_model_card(model: Any, save_directory: str | os.PathLike, repo_id: str | None = None) -> Path:
@@ -224,6 +365,158 @@ def write_model_card(model: Any, save_directory: str | os.PathLike, repo_id: str
     path = Path(save_directory) / "README.md"
     path.write_text(render_model_card(model, repo_id=repo_id), encoding="utf-8")
     return path
+
+
+# ----------------------------------------------------------------------------------------------------- adapters
+
+
+def render_adapter_card(peft_config: Any, *, num_parameters: int, repo_id: str | None = None,
+                        extra_info: dict[str, Any] | None = None) -> str:
+    """The README.md of a PEFT adapter with config ``peft_config`` (e.g. a ``MoHConfig``) and ``num_parameters``
+    adapter parameters: template ``<peft_type>.md`` (lower case), else ``peft_adapter.md``."""
+    from . import __version__
+
+    info = dict(extra_info or {})
+    peft_type = str(getattr(peft_config.peft_type, "value", peft_config.peft_type))
+    base = getattr(peft_config, "base_model_name_or_path", None)
+    hub_base = base if base and _HUB_ID.match(str(base)) and not os.path.exists(str(base)) else None
+    title = info.get("model_name") or (repo_id.rsplit("/", 1)[-1] if repo_id else f"{peft_type.lower()} adapter")
+    location = repo_id or "path/to/this/adapter"
+    method = "Mixture-of-Head attention (MoH)" if peft_type == "MOH" else peft_type
+    rows = [(k, v) for k, v in sorted(peft_config.to_dict().items())
+            if k not in ("peft_type", "base_model_name_or_path", "revision", "auto_mapping", "inference_mode")]
+    base_text = f"[`{hub_base}`](https://huggingface.co/{hub_base})" if hub_base else (
+        f"the base model `{base}`" if base else "its base model")
+    fields = {
+        "title": title,
+        "repo_id": location,
+        "method": method,
+        "peft_type": peft_type,
+        "base_model_text": base_text,
+        "num_parameters": f"{num_parameters:,}",
+        "config_table": _table(rows),
+        "metrics_table": _metrics_table(info),
+        "citations": _citations_block(["moh"] if peft_type == "MOH" else []),
+        "hf_kan_version": __version__,
+        "license": info.get("license", DEFAULT_LICENSE),
+        "usage": _install_then([
+            "import hf_kan  # registers the hf-kan PEFT methods; import it before loading the adapter",
+            "from peft import AutoPeftModelForCausalLM, PeftModel",
+            "",
+            f'model = AutoPeftModelForCausalLM.from_pretrained("{location}")  # loads the base model too',
+            f'# or, on a base model you loaded: model = PeftModel.from_pretrained(base, "{location}")',
+        ]),
+    }
+    body = Template(load_template(peft_type.lower(), "peft_adapter")).safe_substitute(fields)
+    tags = ["hf-kan", "peft", peft_type.lower()]
+    return _front_matter(title=title, tags=tags, info=info, pipeline_tag=None, library_name="peft",
+                         base_model=hub_base) + body
+
+
+# ----------------------------------------------------------------------------------------------------- directories
+
+
+def _safetensors_parameters(files: Iterable[Path]) -> int:
+    from safetensors import safe_open
+
+    total = 0
+    for file in files:
+        with safe_open(str(file), framework="pt") as handle:
+            for key in handle.keys():
+                shape = handle.get_slice(key).get_shape()
+                count = 1
+                for dim in shape:
+                    count *= int(dim)
+                total += count
+    return total
+
+
+def render_directory_card(directory: str | os.PathLike, repo_id: str | None = None, *,
+                          eval_results: Sequence[dict[str, Any]] | None = None) -> str:
+    """The README.md of a saved model or adapter directory, from its ``config.json`` / ``adapter_config.json`` and
+    the tensor shapes in its safetensors files (no weights are loaded). ``eval_results`` (rows of
+    :func:`eval_results_from_runner`) are added to the card's evaluation results."""
+    directory = Path(directory)
+    extra = {"eval_results": list(eval_results)} if eval_results else {}
+    if (directory / "adapter_config.json").is_file():
+        from peft import PeftConfig
+
+        from . import moh  # noqa: F401  (registers the MoH PEFT type, so its adapter config loads)
+
+        peft_config = PeftConfig.from_pretrained(str(directory))
+        params = _safetensors_parameters(sorted(directory.glob("adapter_model*.safetensors")))
+        return render_adapter_card(peft_config, num_parameters=params, repo_id=repo_id, extra_info=extra)
+    if not (directory / "config.json").is_file():
+        raise HFKanConfigError(f"{directory} holds neither config.json nor adapter_config.json: nothing to describe")
+    from transformers import AutoConfig
+
+    from . import models  # noqa: F401  (registers kat / karat with AutoConfig)
+
+    config = AutoConfig.from_pretrained(str(directory))
+    if extra.get("eval_results"):
+        earlier = (getattr(config, CARD_INFO_ATTR, None) or {}).get("eval_results") or []
+        extra["eval_results"] = [*earlier, *extra["eval_results"]]
+    architecture = (getattr(config, "architectures", None) or [type(config).__name__.replace("Config", "Model")])[0]
+    params = _safetensors_parameters(sorted(directory.glob("*.safetensors")))
+    return render_config_card(config, architecture=architecture, num_parameters=params, repo_id=repo_id,
+                              extra_info=extra)
+
+
+def _repo_files(directory: Path) -> list[tuple[str, Path]]:
+    """(path in repo, file) of every file under ``directory`` except README.md and hidden files / folders."""
+    out = []
+    for root, dirs, files in os.walk(directory):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(files):
+            path = Path(root, name)
+            rel = path.relative_to(directory).as_posix()
+            if name.startswith(".") or rel == "README.md":
+                continue
+            out.append((rel, path))
+    return out
+
+
+def push_directory(directory: str | os.PathLike, repo_id: str, *, eval_results: Sequence[dict[str, Any]] | None = None,
+                   card: str | None = None, private: bool | None = None, token: bool | str | None = None,
+                   revision: str | None = None, commit_message: str | None = None, create_pr: bool = False) -> Any:
+    """Upload the saved model / adapter ``directory`` to the Hub repo ``repo_id`` (created if needed) in one commit,
+    with the hf-kan card (:func:`render_directory_card`, or ``card``) as README.md. Returns the ``CommitInfo``.
+
+    The Hub is ``HF_ENDPOINT`` (default huggingface.co); ``token`` defaults to the logged-in token.
+    """
+    from huggingface_hub import CommitOperationAdd, HfApi
+
+    directory = Path(directory)
+    api = HfApi()
+    repo_id = api.create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
+    text = card if card is not None else render_directory_card(directory, repo_id=repo_id, eval_results=eval_results)
+    operations = [CommitOperationAdd(path_in_repo=rel, path_or_fileobj=str(path)) for rel, path in
+                  _repo_files(directory)]
+    operations.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=text.encode("utf-8")))
+    if revision is not None and not revision.startswith("refs/pr"):
+        api.create_branch(repo_id=repo_id, branch=revision, token=token, exist_ok=True)
+    return api.create_commit(repo_id=repo_id, operations=operations, token=token, revision=revision,
+                             create_pr=create_pr, commit_message=commit_message or "Upload with hf-kan")
+
+
+def push_to_hub(obj: Any, repo_id: str, *, processor: Any = None,
+                eval_results: Sequence[dict[str, Any]] | None = None, max_shard_size: int | str = "50GB",
+                **push_kwargs: Any) -> Any:
+    """Upload a KAT / KArAt model, a patched vision-language model or a PEFT (MoH) adapter, its ``processor``
+    (image processor, tokenizer or multimodal processor; optional) and its hf-kan card in ONE commit.
+
+    ``obj`` is saved with ``save_pretrained`` into a temporary directory (a patched VLM's config carries its
+    ``hf_kan`` section, DyVTE routers are in its weights) and uploaded with :func:`push_directory`, which takes
+    ``private``, ``token``, ``revision``, ``commit_message`` and ``create_pr``.
+    """
+    with tempfile.TemporaryDirectory() as tmp:
+        if hasattr(obj, "peft_config"):
+            obj.save_pretrained(tmp)
+        else:
+            obj.save_pretrained(tmp, max_shard_size=max_shard_size)
+        if processor is not None:
+            processor.save_pretrained(tmp)
+        return push_directory(tmp, repo_id, eval_results=eval_results, **push_kwargs)
 
 
 class ModelCardMixin:
@@ -251,8 +544,10 @@ class ModelCardMixin:
         create_pr: bool = False,
         max_shard_size: int | str | None = "50GB",
         tags: list[str] | None = None,
+        image_processor: Any = None,
     ) -> Any:
-        """Upload weights, config and the rendered model card to the Hub repo ``repo_id`` (created if needed).
+        """Upload weights, config, the rendered model card and (optional) ``image_processor`` to the Hub repo
+        ``repo_id`` (created if needed), in one commit.
 
         Unlike the stock method, the README.md uploaded is the hf-kan card (see :func:`render_model_card`),
         with ``tags`` added to its front matter.
@@ -264,6 +559,8 @@ class ModelCardMixin:
             set_model_card_info(self, tags=list(dict.fromkeys([*self._card_tags(), *tags])))
         with tempfile.TemporaryDirectory() as tmp_dir:
             self.save_pretrained(tmp_dir, max_shard_size=max_shard_size, model_card_repo_id=repo_id)
+            if image_processor is not None:
+                image_processor.save_pretrained(tmp_dir)
             return self._upload_modified_files(
                 tmp_dir,
                 repo_id,
@@ -279,10 +576,53 @@ class ModelCardMixin:
         return list((getattr(self.config, CARD_INFO_ATTR, None) or {}).get("tags", []))
 
 
+# ----------------------------------------------------------------------------------------------------- command line
+
+
+def _push_command(args: Any) -> int:
+    rows = []
+    for path in args.eval_results or []:
+        with open(path) as handle:
+            payload = json.load(handle)
+        rows += eval_results_from_runner(payload["results"] if isinstance(payload, dict) else payload)
+    info = push_directory(args.directory, args.repo_id, eval_results=rows, private=args.private or None,
+                          token=args.token, revision=args.revision, commit_message=args.commit_message,
+                          create_pr=args.create_pr)
+    print(getattr(info, "commit_url", info))
+    return 0
+
+
+def add_subparser(subparsers: Any) -> None:
+    """``hf-kan push DIR REPO_ID``: upload a saved model / adapter directory with its hf-kan card."""
+    parser = subparsers.add_parser(
+        "push", help="upload a saved hf-kan model, patched VLM or MoH adapter with its model card",
+        description="Upload a saved model directory (KAT, KArAt, a patched vision-language model) or PEFT adapter "
+                    "directory (MoH) to the Hugging Face Hub in one commit, with a README.md rendered by hf-kan "
+                    "(what it is, how to install and load it, active patches, evaluation results, citations). "
+                    "The Hub is $HF_ENDPOINT (default huggingface.co).")
+    parser.add_argument("directory", help="the saved directory (save_pretrained output)")
+    parser.add_argument("repo_id", help="target repository, e.g. user/name (created if needed)")
+    parser.add_argument("--eval-results", action="append", metavar="JSON",
+                        help="results of `python -m hf_kan.eval.run --output-json` to add to the card (repeatable)")
+    parser.add_argument("--private", action="store_true", help="create the repository as private")
+    parser.add_argument("--token", default=None, help="Hub token (default: the logged-in one)")
+    parser.add_argument("--revision", default=None, help="branch to push to (created if needed)")
+    parser.add_argument("--commit-message", default=None)
+    parser.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing")
+    parser.set_defaults(func=_push_command)
+
+
 __all__ = [
     "CARD_INFO_KEYS",
     "ModelCardMixin",
+    "citation",
+    "eval_results_from_runner",
     "load_template",
+    "push_directory",
+    "push_to_hub",
+    "render_adapter_card",
+    "render_config_card",
+    "render_directory_card",
     "render_model_card",
     "set_model_card_info",
     "write_model_card",

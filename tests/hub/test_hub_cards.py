@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import yaml
-from transformers import AutoModelForImageClassification, ViTConfig, ViTForImageClassification
+from transformers import AutoModelForImageClassification, ViTConfig, ViTForImageClassification, ViTImageProcessor
 
 import hf_kan.hub as hub
 from hf_kan.errors import HFKanConfigError
@@ -97,9 +97,53 @@ def test_push_to_hub_uploads_the_rendered_card_without_network(monkeypatch):
 
     monkeypatch.setattr("transformers.utils.hub.hf_api", lambda: FakeApi())
     monkeypatch.setattr(KATForImageClassification, "_upload_modified_files", fake_upload, raising=False)
-    assert model.push_to_hub("kat-test", tags=["extra-tag"]) == "ok"
+    processor = ViTImageProcessor(size={"height": 32, "width": 32})
+    assert model.push_to_hub("kat-test", tags=["extra-tag"], image_processor=processor) == "ok"
     assert uploaded["repo_id"] == "user/kat-test"
-    assert {"README.md", "config.json", "model.safetensors"} <= set(uploaded["files"])
+    assert {"README.md", "config.json", "model.safetensors", "preprocessor_config.json"} <= set(uploaded["files"])
     meta, body = split_card(uploaded["card"])
     assert "extra-tag" in meta["tags"] and "Kolmogorov-Arnold Transformer" in body
     assert 'from_pretrained("user/kat-test")' in body
+
+
+def test_patched_vlm_card_lists_patches_citations_and_runner_results():
+    from huggingface_hub import ModelCard
+    from tiny_vlm_checkpoint import model as tiny_llava
+
+    from hf_kan import patches
+
+    vlm = tiny_llava()
+    patches.apply(vlm, prune={"method": "pdrop", "layers": [1, 2, 3], "debias": True}, var={"sink_dims": [3]})
+    rows = hub.eval_results_from_runner([
+        {"task": "hf_kan_digits", "setting": {"name": "off"}, "num_samples": 8,
+         "metrics": {"answer_accuracy": 0.25, "prefill_flops": 2.0e6, "prefill_seconds": 0.1}},
+        {"task": "hf_kan_digits", "setting": {"name": "prune=pdrop"}, "num_samples": 8,
+         "metrics": {"answer_accuracy": 0.125, "prefill_flops": 1.5e6, "decode_seconds": 0.1}},
+    ])
+    assert [(r["setting"], r["metric"]) for r in rows] == [("off", "answer_accuracy"), ("off", "prefill_flops"),
+                                                           ("prune=pdrop", "answer_accuracy"),
+                                                           ("prune=pdrop", "prefill_flops")]
+    hub.set_model_card_info(vlm, eval_results=rows)
+    card = ModelCard(hub.render_model_card(vlm, repo_id="me/vlm"))
+    assert card.data.library_name == "transformers" and card.data.pipeline_tag == "image-text-to-text"
+    assert {"hf-kan", "llava", "hf-kan-prune", "hf-kan-var"} <= set(card.data.tags)
+    assert sorted((r.metric_config, r.metric_type, r.metric_value) for r in card.data.eval_results) == [
+        ("off", "answer_accuracy", 0.25), ("off", "prefill_flops", 2.0e6),
+        ("prune=pdrop", "answer_accuracy", 0.125), ("prune=pdrop", "prefill_flops", 1.5e6)]
+    for key in ("kang2025var", "xing2024pyramiddrop", "zhao2025debias"):
+        assert f"{{{key}," in card.text
+    assert "chen2024fastv" not in card.text and "aki2025mma" not in card.text  # only the methods in use
+    assert "Active patches: `var`, `prune`." in card.text and "| `prune` | `debias` | `true` |" in card.text
+    assert 'patches.from_pretrained(AutoModelForImageTextToText, "me/vlm")' in card.text
+    assert "${" not in card.text
+
+
+def test_adapter_card_without_a_method_template_uses_the_generic_one():
+    from huggingface_hub import ModelCard
+    from peft import LoraConfig
+
+    card = ModelCard(hub.render_adapter_card(LoraConfig(r=4, base_model_name_or_path="org/base"), num_parameters=1234))
+    assert card.data.library_name == "peft" and card.data.base_model == "org/base"
+    assert "1,234 adapter parameters" in card.text and "`r` | `4`" in card.text
+    local = ModelCard(hub.render_adapter_card(LoraConfig(base_model_name_or_path="/some/local/dir"), num_parameters=1))
+    assert local.data.base_model is None and "`/some/local/dir`" in local.text  # a local path is no Hub base model
