@@ -10,7 +10,8 @@ The math (visibility rule, VAR, backward) is derived in this folder's ``README.m
 Forward (FlashAttention-2 style): program ``(m, b * H + h)`` owns ``BLOCK_M`` query rows of head ``h`` of sample
 ``b`` and streams the keys of KV head ``h // G`` in ``BLOCK_N`` tiles (grouped-query attention without expanding
 K/V). Per tile it decides visibility from the packed metadata, skips the tile when no key in it can be visible to
-any of its rows (a scalar test on the tile's position range), and otherwise updates the online softmax in base 2:
+any of its rows (a scalar test on the tile's position range), skips the element mask when every key of the tile is
+visible to every row (the bulk of a causal prefill), and otherwise updates the online softmax in base 2:
 ``m`` (running max), ``l`` (running sum), ``acc`` (un-normalised output), all fp32. With VAR it also accumulates
 ``l_img_all`` (image mass S), ``l_img`` / ``acc_img`` (non-sink image keys) and ``l_sink`` / ``acc_sink`` (sink keys)
 with the same rescaling, and combines them at the end. Memory: O(T + S) besides the inputs and the output.
@@ -29,9 +30,10 @@ chosen query rows, from their saved log-sum-exp: ``(B, S)`` fp32 scores without 
 Compilation: head dim, block sizes and feature flags are ``tl.constexpr``; lengths, the window and the strides that
 depend on lengths are runtime arguments excluded from specialisation, so a new sequence length or batch size never
 recompiles. fp32 inputs use IEEE fp32 matrix products (no TF32) so the fp32 path matches fp32 SDPA; fp16/bf16
-inputs multiply in their dtype and accumulate in fp32. Kernels are wrapped on first use per mode (interpreted or
-compiled), as in :mod:`hf_kan.ops.rational.triton`, and call no ``@triton.jit`` helpers, so the interpreter and
-compiled launches can alternate in one process.
+inputs multiply in their dtype and accumulate in fp32 (``DOT_DTYPE``: under the interpreter bf16 operands are
+multiplied as fp32 after rounding to bf16, see :func:`_dot_dtype`). Kernels are wrapped on first use per mode
+(interpreted or compiled), as in :mod:`hf_kan.ops.rational.triton`, and call no ``@triton.jit`` helpers, so the
+interpreter and compiled launches can alternate in one process.
 """
 
 from __future__ import annotations
