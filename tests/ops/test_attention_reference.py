@@ -97,11 +97,12 @@ def test_window_is_transformers_sliding_window_on_original_positions():
 
 
 def test_empty_rows_and_own_position():
-    # an empty query slot (-1) sees only empty key slots (-1), through the "own position" term, as in the engine
-    q_pos = torch.tensor([[-1, 2]])
-    k_pos = torch.tensor([[0, 1, 2]])
-    allowed = visibility_mask(q_pos, k_pos)
+    # an empty query slot (-1) sees nothing when the keys have no empty slot, and only the empty key slots (own
+    # position, -1 == -1) when they do, as in the engine
+    allowed = visibility_mask(torch.tensor([[-1, 2]]), torch.tensor([[0, 1, 2]]))
     assert allowed[0, 0].sum() == 0 and allowed[0, 1].all()
+    allowed = visibility_mask(torch.tensor([[-1]]), torch.tensor([[0, -1, 1, -1]]))
+    assert allowed[0, 0].tolist() == [False, True, False, True]
     # padding key at the query's own position is visible to that query only
     allowed = visibility_mask(torch.tensor([[0, 1]]), torch.tensor([[0, 1]]), torch.tensor([[False, True]]))
     assert allowed[0].tolist() == [[True, False], [False, True]]
