@@ -7,8 +7,8 @@ Usage::
     python benchmarks/attention.py --sweep                  # time alternative launch configurations at 4k tokens
     python benchmarks/attention.py --device cpu             # no timings: a tiny interpreter correctness smoke check
 
-Cases, on a LLaVA-like prompt of L tokens (35 text tokens, L/2 image tokens, then text ending in a 5-token
-assistant opener; batch ``--batch``):
+Cases, on a LLaVA-like prompt of L tokens (35 text tokens, L/2 image tokens, then text ending in the assistant
+opener, which image tokens see under MMA; sinks: the first token and every 97th image token; batch ``--batch``):
 
 - ``causal``: plain causal attention. Providers: ``hf_kan`` (the kernel, from position metadata), ``sdpa-flash``
   (``is_causal=True`` on the flash backend: the speed target), ``sdpa-mask`` (the materialised ``(B, 1, T, S)``
@@ -46,7 +46,7 @@ import torch.nn.functional as F
 
 from hf_kan.ops.attention import VARSpec, attention_taps, masked_attention, var_redistribute, visibility_mask
 
-TEXT_PREFIX, OPENER = 35, 5
+TEXT_PREFIX = 35  # text tokens before the image
 
 
 def prompt_metadata(length: int, device) -> dict:
@@ -171,8 +171,8 @@ def time_runs(fns: dict, repeats: int, warmup: int) -> dict:
         except torch.cuda.OutOfMemoryError:
             out[name] = "oom"
             torch.cuda.empty_cache()
-        except RuntimeError as e:  # e.g. no SDPA kernel for these inputs on this card
-            out[name] = f"error: {str(e).splitlines()[0][:60]}"
+        except Exception as e:  # e.g. no SDPA kernel for these inputs here, a Triton resource error: report, go on
+            out[name] = f"error: {type(e).__name__}: {str(e).splitlines()[0][:60] if str(e) else ''}"
     for _ in range(repeats):
         for name in list(live):
             if not cuda:
@@ -269,7 +269,15 @@ def bench(args) -> list[dict]:
         del q, k, v, k_full, v_full
         if dev == "cuda":
             torch.cuda.empty_cache()
+        _dump(args, rows)
     return rows
+
+
+def _dump(args, rows: list[dict]) -> None:
+    """Write the rows so far (a part stopped at its time limit still leaves its finished rows behind)."""
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1, default=str)
 
 
 def _fmt(row: dict) -> str:
@@ -286,12 +294,12 @@ def sweep(args) -> list[dict]:
     """Time the kernels' alternative launch configurations at one length (forward, forward with VAR, backward)."""
     from hf_kan.ops.attention import triton as at
 
-    dtype = getattr(torch, args.dtype)
+    dtype, dev = getattr(torch, args.dtype), args.device
     length = args.sweep_length
-    meta = prompt_metadata(length, "cuda")
+    meta = prompt_metadata(length, dev)
     b, h, hkv, d = args.batch, args.heads, args.kv_heads, args.head_dim
-    q = torch.randn(b, h, length, d, device="cuda", dtype=dtype)
-    k = torch.randn(b, hkv, length, d, device="cuda", dtype=dtype)
+    q = torch.randn(b, h, length, d, device=dev, dtype=dtype)
+    k = torch.randn(b, hkv, length, d, device=dev, dtype=dtype)
     v = torch.randn_like(k)
     q_meta = at.pack_query_meta(meta["pos"], meta["span"], meta["query"], b)
     k_meta = at.pack_key_meta(meta["pos"], None, meta["text"], meta["image"], meta["sink"], b)
@@ -299,6 +307,8 @@ def sweep(args) -> list[dict]:
     out, lse, _ = at.attention_forward(q, k, v, q_meta, k_meta, scale=scale, has_mma=True)
     grad_out = torch.randn_like(out)
     configs = list(itertools.product((64, 128), (32, 64, 128), (4, 8), (2, 3)))
+    if args.dry_run:
+        configs = configs[:2]
     rows = []
     for kind in ("fwd", "fwd+var", "bwd"):
         fns = {}
@@ -320,11 +330,16 @@ def sweep(args) -> list[dict]:
                 rows.append(dict(kind=kind, config=cfg, error=type(e).__name__))
         times = time_runs(fns, args.repeats, args.warmup)
         default = (at._fwd_config(d, length, kind == "fwd+var", False) if kind != "bwd" else at._bwd_config(d, False))
-        best = min(times, key=lambda c: times[c] if isinstance(times[c], float) else float("inf"))
+        timed = {c: ms for c, ms in times.items() if isinstance(ms, float)}
+        if not timed:
+            print(f"# sweep {kind}: no configuration ran")
+            continue
+        best = min(timed, key=timed.get)
         for cfg, ms in sorted(times.items(), key=lambda kv: kv[1] if isinstance(kv[1], float) else 1e9):
             rows.append(dict(kind=kind, config=cfg, ms=ms, default=cfg == default))
         print(f"# sweep {kind} L={length}: best {best} {times[best]:.3f} ms; default {default} "
               f"{times.get(default, float('nan')):.3f} ms")
+        _dump(args, rows)
     return rows
 
 
@@ -369,10 +384,9 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["TRITON_INTERPRET"] = "1"
         args.device, args.dtype, args.repeats, args.warmup = "cpu", "float32", 1, 1
         args.lengths, args.batch, args.heads, args.kv_heads, args.head_dim = [48, 80], 1, 2, 1, 32
+        args.sweep_length = 64
         print("# DRY RUN on CPU under the Triton interpreter: milliseconds below are NOT timings")
-        bench(args)
-        return 0
-    if args.device == "cpu" or not torch.cuda.is_available():
+    elif args.device == "cpu" or not torch.cuda.is_available():
         print("benchmarks/attention.py times CUDA kernels only; no CUDA device here, so no timings. "
               "Running the CPU interpreter smoke check instead.")
         return cpu_smoke()
@@ -380,13 +394,14 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--heads must be a multiple of --kv-heads")
     import triton
 
-    print(f"# {torch.cuda.get_device_name()} torch {torch.__version__} triton {triton.__version__} "
-          f"python {platform.python_version()} batch={args.batch} heads={args.heads}/{args.kv_heads} "
-          f"head_dim={args.head_dim} dtype={args.dtype} repeats={args.repeats}")
-    rows = sweep(args) if args.sweep else bench(args)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1, default=str)
+    card = torch.cuda.get_device_name() if args.device == "cuda" else "CPU interpreter"
+    print(f"# {card} torch {torch.__version__} triton {triton.__version__} python {platform.python_version()} "
+          f"batch={args.batch} heads={args.heads}/{args.kv_heads} head_dim={args.head_dim} dtype={args.dtype} "
+          f"repeats={args.repeats}")
+    if args.sweep:
+        sweep(args)
+    else:
+        bench(args)
     return 0
 
 
