@@ -10,20 +10,23 @@
 # hf_kan.patches, as setup.py maps them), and if the full package still does not import (e.g. an older
 # Transformers), a kernel-only view (hf_kan.errors and hf_kan.ops) so the kernel tests and benchmarks still run.
 #
-# Parts (GPU_CHECK_PARTS, default "tests attention rational sweep", run in that order, each under a time limit):
+# Parts (GPU_CHECK_PARTS, default "tests attention rational sweep", run in that order):
 #   tests      CUDA correctness: tests/ops/test_attention_*.py and test_rational_*.py (every kernel test runs on
 #              "cuda" as well as in the CPU interpreter; no-recompilation tests across lengths/batches)
 #   attention  benchmarks/attention.py: kernel vs SDPA flash / efficient vs eager, 1k-16k tokens, fwd and fwd+bwd,
 #              MMA, VAR, score taps, decode; memory; fraction of the measured bf16 matrix-product peak
 #   rational   benchmarks/rational.py: bf16 with the memory floor and the KAT-T vs ViT-T step, then fp32
 #   sweep      benchmarks/attention.py --sweep: alternative launch configurations of the attention kernels at 4k
-# About 8-12 minutes on one H100/H200 for all parts (most of it Triton compilation and the sweep). Copy the tables
-# into benchmarks/RESULTS.md with the card named.
+# Time: GPU_CHECK_BUDGET seconds in all (default 570, to fit a 10-minute command); each part runs under its own
+# limit cut to what is left, and a part with under a minute left is skipped (rerun it with GPU_CHECK_PARTS). How
+# long each part takes on a GPU has not been measured yet. Copy the tables into benchmarks/RESULTS.md with the card
+# named.
 set -uo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 OUT_DIR="${1:-${OUT:-$REPO/gpu_check_results}}"
 PARTS="${GPU_CHECK_PARTS:-tests attention rational sweep}"
+BUDGET="${GPU_CHECK_BUDGET:-570}"
 mkdir -p "$OUT_DIR"
 cd "$REPO"
 PY="${PYTHON:-python3}"
@@ -79,9 +82,16 @@ print("device", torch.cuda.get_device_name() if torch.cuda.is_available() else "
 EOF
 } 2>&1 | tee -a "$LOG"
 
-run_part() {  # run_part NAME SECONDS CMD... : time-limited, output appended to the log
+run_part() {  # run_part NAME SECONDS CMD... : under min(SECONDS, budget left), output appended to the log
   local name=$1 limit=$2
   shift 2
+  local left=$((BUDGET - SECONDS))
+  if [ "$left" -lt 60 ]; then
+    say "!! $name skipped: ${left}s of the ${BUDGET}s budget left (run it alone with GPU_CHECK_PARTS=...)"
+    status=1
+    return
+  fi
+  [ "$limit" -gt "$left" ] && limit=$left
   say "== $name (limit ${limit}s) =="
   timeout "$limit" "$@" 2>&1 | tee -a "$LOG"
   local rc=${PIPESTATUS[0]}
@@ -99,20 +109,20 @@ if has_part tests; then
   in_view "$PY" -c "import xdist" 2>/dev/null && extra=(-n 8)
   # GPU_CHECK_PYTEST_ARGS: extra pytest arguments, e.g. "-k cuda" to run only the CUDA variants
   read -r -a user_args <<< "${GPU_CHECK_PYTEST_ARGS:-}"
-  run_part tests 420 bash -c 'cd "$0" && exec "$@"' "$VIEW" "$PY" -m pytest "${tests[@]}" --rootdir "$REPO" -q -rs \
+  run_part tests 240 bash -c 'cd "$0" && exec "$@"' "$VIEW" "$PY" -m pytest "${tests[@]}" --rootdir "$REPO" -q -rs \
     -p no:cacheprovider -p no:benchmark "${extra[@]}" "${user_args[@]}" --junitxml="$OUT_DIR/tests.xml"
 fi
 
 if has_part attention; then
-  run_part attention 420 "$PY" benchmarks/attention.py --json "$OUT_DIR/attention.json"
+  run_part attention 300 "$PY" benchmarks/attention.py --json "$OUT_DIR/attention.json"
 fi
 
 if has_part rational; then
   step=()
   [ "$FULL" = 1 ] && step=(--model-step)
-  run_part rational-bf16 300 "$PY" benchmarks/rational.py --device cuda --dtype bfloat16 "${step[@]}" \
+  run_part rational-bf16 240 "$PY" benchmarks/rational.py --device cuda --dtype bfloat16 "${step[@]}" \
     --csv "$OUT_DIR/rational_cuda_bf16.csv"
-  run_part rational-fp32 180 "$PY" benchmarks/rational.py --device cuda --dtype float32 --models KAT-T KAT-B \
+  run_part rational-fp32 120 "$PY" benchmarks/rational.py --device cuda --dtype float32 --models KAT-T KAT-B \
     --csv "$OUT_DIR/rational_cuda_fp32.csv"
 fi
 
