@@ -29,6 +29,7 @@ Templates use :class:`string.Template` placeholders (``${name}``); the variables
 from __future__ import annotations
 
 import dataclasses
+import importlib.metadata
 import os
 import tempfile
 from importlib import resources
@@ -183,10 +184,20 @@ def _front_matter(config: PreTrainedConfig, info: dict[str, Any], architecture: 
     return "---\n" + data.to_yaml() + "\n---\n"
 
 
+def _hf_kan_version() -> str:
+    """The installed hf-kan version, read from the distribution metadata.
+
+    Not ``hf_kan.__version__``: the modeling files import this module (for :class:`ModelCardMixin`), so it must
+    not import the package that imports them back.
+    """
+    try:
+        return importlib.metadata.version("hf-kan")
+    except importlib.metadata.PackageNotFoundError:
+        return "(not installed as a package)"
+
+
 def render_model_card(model: Any, repo_id: str | None = None) -> str:
     """Render the README.md of ``model`` (a ``PreTrainedModel``): front matter and the family's template body."""
-    from . import __version__
-
     config = model.config
     info = dict(getattr(config, CARD_INFO_ATTR, None) or {})
     architecture = type(model).__name__
@@ -212,7 +223,7 @@ def render_model_card(model: Any, repo_id: str | None = None) -> str:
         "usage": usage,
         "provenance": _provenance(info),
         "metrics_table": _metrics_table(info),
-        "hf_kan_version": __version__,
+        "hf_kan_version": _hf_kan_version(),
         "license": info.get("license", DEFAULT_LICENSE),
     }
     body = Template(load_template(config.model_type)).safe_substitute(fields)
