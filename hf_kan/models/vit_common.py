@@ -6,7 +6,8 @@ family keeps its own attention class (Transformers scans the model's module sour
 call) and its own embeddings forward (image-size policy).
 """
 
-from __future__ import annotations
+# (no `from __future__ import annotations`: Transformers inspects the `**kwargs: Unpack[TransformersKwargs]`
+# annotation of the forwards at run time, e.g. to tell whether a model can return attentions)
 
 from collections.abc import Callable
 from typing import Any

@@ -331,6 +331,49 @@ def test_backbone_feature_maps(tmp_path):
         assert [m.shape for m in backbone(torch.randn(1, 3, 48, 24)).feature_maps] == [(1, 32, 6, 3)] * 2
 
 
+def test_backbone_returns_exactly_the_stages_and_outputs_asked_for():
+    from hf_kan.models.kat import KATBackbone
+
+    config = tiny_config(num_hidden_layers=3, out_features=["stem", "stage2"], attn_implementation="eager")
+    backbone = KATBackbone(config).eval()
+    encoder = KATModel(config).eval()
+    encoder.load_state_dict(backbone.state_dict())  # same parameter names
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        plain = backbone(x)
+        full = backbone(x, output_hidden_states=True, output_attentions=True)
+        picked = backbone(x, output_hidden_states=[0, -1])
+        reference = encoder(x, output_hidden_states=True, output_attentions=True)
+    # by default: the requested feature maps only, no hidden states, no attentions
+    assert len(plain.feature_maps) == 2 and plain.hidden_states is None and plain.attentions is None
+    for fmap, state in zip(plain.feature_maps, (reference.hidden_states[0], reference.hidden_states[2])):
+        torch.testing.assert_close(fmap, encoder.layernorm(state)[:, 1:].reshape(2, 4, 4, 32).permute(0, 3, 1, 2))
+    # asked for: every hidden state (embeddings + 3 blocks) and the [B, H, T, T] attentions of the 3 blocks
+    assert len(full.hidden_states) == 4 and len(full.attentions) == 3
+    for got, want in zip(full.hidden_states + full.attentions, reference.hidden_states + reference.attentions):
+        torch.testing.assert_close(got, want)
+    assert full.attentions[0].shape == (2, 2, 17, 17)
+    # an index selection returns those hidden states only, as in every Transformers model
+    assert [h is not None for h in picked.hidden_states] == [True, False, False, True]
+    assert picked.attentions is None
+    assert len(backbone(x, return_dict=False)) == 1  # (feature_maps,)
+
+
+@pytest.mark.parametrize("auto_name", ["AutoModel", "AutoModelForImageClassification", "AutoBackbone"])
+def test_from_config_in_bf16_keeps_rationals_fp32_and_forward_finite(auto_name):
+    import transformers
+
+    auto = getattr(transformers, auto_name)
+    model = auto.from_config(tiny_config(), dtype=torch.bfloat16).eval()
+    rational = {n: p.dtype for n, p in model.named_parameters() if ".rational_" in n}
+    others = {p.dtype for n, p in model.named_parameters() if ".rational_" not in n}
+    assert rational and set(rational.values()) == {torch.float32} and others == {torch.bfloat16}
+    with torch.no_grad():
+        out = model(torch.randn(2, 3, 32, 32, dtype=torch.bfloat16))
+    result = out.feature_maps[-1] if auto_name == "AutoBackbone" else out[0]
+    assert result.dtype == torch.bfloat16 and torch.isfinite(result.float()).all()
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_loading_keeps_rationals_fp32(tmp_path, dtype):
     model = KATForImageClassification(tiny_config()).eval()

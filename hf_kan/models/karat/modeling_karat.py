@@ -13,7 +13,8 @@ function registered with ``AttentionInterface`` may be selected; it receives the
 ``karat_operator`` and replaces the KArAt computation (a warning says so).
 """
 
-from __future__ import annotations
+# (no `from __future__ import annotations`: Transformers inspects the `**kwargs: Unpack[TransformersKwargs]`
+# annotation of the forwards at run time, e.g. to tell whether a model can return attentions)
 
 from collections.abc import Callable
 

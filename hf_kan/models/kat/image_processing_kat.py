@@ -8,9 +8,10 @@ resized to ``floor(image_size / crop_pct)`` (256 for 224 px) with PIL, the cente
 directory whatever is installed, because:
 
 - it runs on the PIL backend only. Transformers' torchvision backend, which ``AutoImageProcessor`` prefers when
-  torchvision is installed, resizes tensors with its own bicubic kernel, which does not reproduce PIL's. The saved ``preprocessor_config.json`` names
-  ``"image_processor_type": "KATImageProcessor"``, which ``import hf_kan`` registers with ``AutoImageProcessor`` for
-  the PIL backend alone; asked for torchvision, Transformers falls back to it (and logs that it did).
+  torchvision is installed, resizes tensors with its own bicubic kernel, which does not reproduce PIL's. The saved
+  ``preprocessor_config.json`` names ``"image_processor_type": "KATImageProcessor"``, which ``import hf_kan``
+  registers with ``AutoImageProcessor`` for the PIL backend alone; asked for torchvision, Transformers falls back
+  to it (and logs that it did).
 - it crops like torchvision. Transformers' center crop floors the offset, so it starts one pixel earlier than
   timm whenever ``side - crop`` is ``3 (mod 4)`` (e.g. a 343-px side for a 224 crop).
 """

@@ -5,7 +5,8 @@ layers: ``rational_1 -> fc1 -> rational_2 -> fc2``. Attention goes through Trans
 attention interface (``"sdpa"`` by default, ``"eager"`` or any registered implementation).
 """
 
-from __future__ import annotations
+# (no `from __future__ import annotations`: Transformers inspects the `**kwargs: Unpack[TransformersKwargs]`
+# annotation of the forwards at run time, e.g. to tell whether a model can return attentions)
 
 import math
 from collections.abc import Callable
