@@ -1,7 +1,8 @@
 """Model scaffolding shared by hf-kan's ViT-like families (KAT, KArAt).
 
 Only logic that is the same in every family lives here: the pre-norm residual block around a family's attention
-and MLP, the ViT weight initialisation of the standard layers, and the class-token classification head. Each
+and MLP, the stochastic-depth schedule, the ViT weight initialisation of the standard layers, and the class-token
+classification head. Each
 family keeps its own attention class (Transformers scans the model's module source for the attention interface
 call) and its own embeddings forward (image-size policy).
 """
