@@ -30,6 +30,7 @@ hf-kan card: Transformers reloads the card already on the Hub and only adds tags
 from __future__ import annotations
 
 import dataclasses
+import importlib.metadata
 import json
 import os
 import re
@@ -260,6 +261,18 @@ def _front_matter(*, title: str, tags: list[str], info: dict[str, Any], pipeline
     return "---\n" + data.to_yaml() + "\n---\n"
 
 
+def _hf_kan_version() -> str:
+    """The installed hf-kan version, read from the distribution metadata.
+
+    Not ``hf_kan.__version__``: the modeling files import this module (for :class:`ModelCardMixin`), so it must
+    not import the package that imports them back.
+    """
+    try:
+        return importlib.metadata.version("hf-kan")
+    except importlib.metadata.PackageNotFoundError:
+        return "(not installed as a package)"
+
+
 def _install_then(python_lines: Iterable[str]) -> str:
     return "\n".join(["```bash", "pip install hf-kan", "```", "", "```python", *python_lines, "```"])
 
@@ -299,9 +312,8 @@ def render_config_card(config: PreTrainedConfig, *, architecture: str, num_param
     """The README.md of a model with ``config``, class name ``architecture`` and ``num_parameters`` parameters (what
     :func:`render_model_card` and :func:`push_directory` use; no weights needed). ``extra_info`` is merged over the
     config's ``model_card_info``."""
-    from . import __version__
-
     info = {**(getattr(config, CARD_INFO_ATTR, None) or {}), **(extra_info or {})}
+
     title = info.get("model_name") or (repo_id.rsplit("/", 1)[-1] if repo_id else f"{config.model_type} model")
     location = repo_id or "path/to/this/model"
     section = _patch_section(config)
@@ -313,7 +325,7 @@ def render_config_card(config: PreTrainedConfig, *, architecture: str, num_param
         "num_parameters": f"{num_parameters:,}",
         "provenance": _provenance(info),
         "metrics_table": _metrics_table(info),
-        "hf_kan_version": __version__,
+        "hf_kan_version": _hf_kan_version(),
         "license": info.get("license", DEFAULT_LICENSE),
     }
     tags = ["hf-kan", config.model_type]
@@ -374,8 +386,6 @@ def render_adapter_card(peft_config: Any, *, num_parameters: int, repo_id: str |
                         extra_info: dict[str, Any] | None = None) -> str:
     """The README.md of a PEFT adapter with config ``peft_config`` (e.g. a ``MoHConfig``) and ``num_parameters``
     adapter parameters: template ``<peft_type>.md`` (lower case), else ``peft_adapter.md``."""
-    from . import __version__
-
     info = dict(extra_info or {})
     peft_type = str(getattr(peft_config.peft_type, "value", peft_config.peft_type))
     base = getattr(peft_config, "base_model_name_or_path", None)
@@ -397,7 +407,7 @@ def render_adapter_card(peft_config: Any, *, num_parameters: int, repo_id: str |
         "config_table": _table(rows),
         "metrics_table": _metrics_table(info),
         "citations": _citations_block(["moh"] if peft_type == "MOH" else []),
-        "hf_kan_version": __version__,
+        "hf_kan_version": _hf_kan_version(),
         "license": info.get("license", DEFAULT_LICENSE),
         "usage": _install_then([
             "import hf_kan  # registers the hf-kan PEFT methods; import it before loading the adapter",

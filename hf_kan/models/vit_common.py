@@ -1,12 +1,14 @@
 """Model scaffolding shared by hf-kan's ViT-like families (KAT, KArAt).
 
 Only logic that is the same in every family lives here: the pre-norm residual block around a family's attention
-and MLP, the ViT weight initialisation of the standard layers, and the class-token classification head. Each
+and MLP, the stochastic-depth schedule, the ViT weight initialisation of the standard layers, and the class-token
+classification head. Each
 family keeps its own attention class (Transformers scans the model's module source for the attention interface
-call), its own embeddings forward (image-size policy) and its own stochastic-depth schedule.
+call) and its own embeddings forward (image-size policy).
 """
 
-from __future__ import annotations
+# (no `from __future__ import annotations`: Transformers inspects the `**kwargs: Unpack[TransformersKwargs]`
+# annotation of the forwards at run time, e.g. to tell whether a model can return attentions)
 
 from collections.abc import Callable
 from typing import Any
@@ -55,6 +57,16 @@ class PreNormBlock(GradientCheckpointingLayer):
         hidden_states = hidden_states + self.drop_path(self.dropout(attn_output))
         hidden_states = hidden_states + self.drop_path(self.mlp(self.norm2(hidden_states)))
         return hidden_states
+
+
+def drop_path_rates(config: PreTrainedConfig) -> list[float]:
+    """Stochastic-depth rate of each block, rising linearly from 0 to ``config.drop_path_rate``:
+    ``rate_i = drop_path_rate * i / (L - 1)`` for ``i = 0 .. L-1``.
+
+    Plain Python arithmetic (no tensor), so a model can be built on the meta device.
+    """
+    last = max(config.num_hidden_layers - 1, 1)
+    return [config.drop_path_rate * i / last for i in range(config.num_hidden_layers)]
 
 
 def init_vit_weights(module: nn.Module, std: float) -> None:
@@ -109,4 +121,4 @@ class ClassTokenClassifierMixin:
         )
 
 
-__all__ = ["ClassTokenClassifierMixin", "PreNormBlock", "build_classifier", "init_vit_weights"]
+__all__ = ["ClassTokenClassifierMixin", "PreNormBlock", "build_classifier", "drop_path_rates", "init_vit_weights"]

@@ -35,6 +35,11 @@ class GroupRational(nn.Module):
             else one per group (``[G, 6]``).
         backend: backend passed to :func:`hf_kan.ops.rational.group_rational` (``"auto"`` picks
             the fastest available one; ``None`` reads ``HF_KAN_RATIONAL_BACKEND``).
+        device / dtype: where and in which dtype the coefficients are created. ``dtype=None`` means float32,
+            not the default dtype: the coefficients span ~4 orders of magnitude and every backend computes in
+            fp32 whatever the input dtype, so a model built under a half-precision default dtype
+            (``from_config(..., dtype=torch.bfloat16)``) keeps them fp32, as ``from_pretrained`` does through
+            the models' ``_keep_in_fp32_modules_strict``.
 
     Parameters ``weight_numerator`` / ``weight_denominator`` carry the same names as in the
     authors' timm checkpoints.
@@ -61,7 +66,7 @@ class GroupRational(nn.Module):
         self.init = init
         self.shared_numerator = shared_numerator
         self.backend = backend
-        factory = {"device": device, "dtype": dtype}
+        factory = {"device": device, "dtype": torch.float32 if dtype is None else dtype}
         num_rows = 1 if shared_numerator else num_groups
         self.weight_numerator = nn.Parameter(torch.empty(num_rows, NUMERATOR_TERMS, **factory))
         self.weight_denominator = nn.Parameter(torch.empty(num_groups, DENOMINATOR_TERMS, **factory))

@@ -151,7 +151,10 @@ def test_cli_writes_model_processor_and_card(tmp_path):
     config = json.loads((out / "config.json").read_text())
     assert config["model_type"] == "kat" and config["architectures"] == ["KATForImageClassification"]
     assert config["id2label"]["3"] == "class_3"
+    # the converter records the PIL-only KAT processor (the published transform, whatever backends are installed)
+    assert json.loads((out / "preprocessor_config.json").read_text())["image_processor_type"] == "KATImageProcessor"
     processor = AutoImageProcessor.from_pretrained(out)
+    assert type(processor).__name__ == "KATImageProcessor" and processor.backend == "pil"
     assert processor.size["shortest_edge"] == IMAGE and processor.crop_pct == 0.875
     card = (out / "README.md").read_text()
     assert card.startswith("---\n") and "library_name: transformers" in card

@@ -158,6 +158,24 @@ def test_other_image_size_raises_image_size_error_naming_configured_size():
         model(torch.randn(2, 1, 12, 12))
 
 
+@pytest.mark.parametrize("sharing", ["blockwise", "universal"])
+def test_builds_on_the_meta_device_then_loads_a_state_dict(tmp_path, sharing):
+    config = tiny_config(karat_sharing=sharing, drop_path_rate=0.1)
+    reference = KArAtForImageClassification(config).eval()
+    with torch.device("meta"):
+        model = KArAtForImageClassification(config)
+    assert {p.device.type for p in model.parameters()} == {"meta"}
+    assert [layer.drop_path.drop_prob for layer in model.karat.layers] == pytest.approx([0.0, 0.05, 0.1])
+    model.load_state_dict(reference.state_dict(), assign=True)
+    model.eval()
+    x = pixels()
+    torch.testing.assert_close(model(x).logits, reference(x).logits, rtol=0, atol=0)
+    # the same path from_pretrained takes with a device_map (meta init, then weights materialised by accelerate)
+    reference.save_pretrained(tmp_path)
+    loaded = KArAtForImageClassification.from_pretrained(tmp_path, device_map="cpu").eval()
+    torch.testing.assert_close(loaded(x).logits, reference(x).logits, rtol=0, atol=0)
+
+
 def test_invalid_config_values_raise():
     with pytest.raises(HFKanConfigError, match="karat_sharing"):
         tiny_config(karat_sharing="per_head")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import math
 
 import numpy as np
 import pytest
@@ -249,27 +250,60 @@ def test_drop_path_and_gradient_checkpointing():
         torch.testing.assert_close(p.grad, ref_grads[n], rtol=1e-5, atol=1e-6)
 
 
-def test_image_processor_matches_published_preprocessing(tmp_path):
-    processor = kat_image_processor(224)
-    processor.save_pretrained(tmp_path)
-    loaded = AutoImageProcessor.from_pretrained(tmp_path)
-    assert loaded.crop_pct == 0.875
-    rng = torch.Generator().manual_seed(0)
-    pixels = (torch.rand(300, 400, 3, generator=rng) * 255).to(torch.uint8).numpy()
-    image = Image.fromarray(pixels)
-    out = loaded(image, return_tensors="pt").pixel_values
-    assert out.shape == (1, 3, 224, 224)
-    # timm eval transform: Resize(256, bicubic) on the shorter side, CenterCrop(224), ImageNet mean/std
-    resized = image.resize((341, 256), Image.BICUBIC)
-    left, top = (341 - 224) // 2, (256 - 224) // 2
-    crop = torch.from_numpy(np.array(resized.crop((left, top, left + 224, top + 224)))).float()
-    crop = crop.permute(2, 0, 1) / 255
+def timm_eval_transform(image: Image.Image, image_size: int, crop_pct: float = 0.875) -> torch.Tensor:
+    """timm's eval transform written out: Resize(floor(size / crop_pct), bicubic) of the shorter side (PIL, longer
+    side truncated as torchvision computes it), CenterCrop(size) with torchvision's round((side - crop) / 2)
+    offsets, ToTensor, Normalize(ImageNet mean/std)."""
+    scale = math.floor(image_size / crop_pct)
+    width, height = image.size
+    if width <= height:
+        new_w, new_h = scale, int(scale * height / width)
+    else:
+        new_w, new_h = int(scale * width / height), scale
+    resized = image.resize((new_w, new_h), Image.BICUBIC)
+    top, left = int(round((new_h - image_size) / 2.0)), int(round((new_w - image_size) / 2.0))
+    crop = resized.crop((left, top, left + image_size, top + image_size))
+    x = torch.from_numpy(np.array(crop)).permute(2, 0, 1).float().div(255)
     mean = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
     std = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
-    expected = (crop - mean) / std
-    assert (out[0] - expected).abs().mean() < 0.02  # same transform up to resampler rounding
+    return (x - mean) / std
+
+
+@pytest.mark.parametrize("backend", [None, "torchvision", "pil"])
+def test_auto_image_processor_reproduces_the_timm_transform(tmp_path, monkeypatch, backend):
+    from transformers.models.auto import image_processing_auto
+
+    from hf_kan.models.kat import KATImageProcessor
+
+    kat_image_processor(224).save_pretrained(tmp_path)
+    # what AutoImageProcessor does on a machine with torchvision installed: it resolves backend=None to
+    # "torchvision" (torchvision itself is not installed here: the PyPI build needs the CUDA torch)
+    monkeypatch.setattr(image_processing_auto, "is_torchvision_available", lambda: True)
+    assert image_processing_auto._resolve_backend(None, None, "KATImageProcessor") == "torchvision"
+    # KAT's processor is registered for the PIL backend only, so there is no torchvision class to pick
+    assert image_processing_auto._find_mapping_for_image_processor("KATImageProcessor") == {"pil": KATImageProcessor}
+    kwargs = {} if backend is None else {"backend": backend}
+    loaded = AutoImageProcessor.from_pretrained(tmp_path, **kwargs)
+    assert type(loaded) is KATImageProcessor and loaded.backend == "pil" and loaded.crop_pct == 0.875
+
+    rng = np.random.default_rng(0)
+    # sizes whose resized longer side minus 224 is 0, 3 and 1 (mod 4): where floor and round-half-even crop offsets
+    # differ (343 - 224 = 119), and portrait / landscape / square inputs
+    for height, width in [(300, 400), (256, 343), (343, 256), (257, 258), (224, 224), (500, 333)]:
+        image = Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+        out = loaded(image, return_tensors="pt").pixel_values
+        assert out.shape == (1, 3, 224, 224)
+        torch.testing.assert_close(out[0], timm_eval_transform(image, 224), rtol=0, atol=1e-6)
+
+
+def test_kat_image_processor_rejects_bad_arguments_and_crops_at_any_size():
     with pytest.raises(HFKanConfigError):
-        kat_image_processor(448)
+        kat_image_processor(0)
+    with pytest.raises(HFKanConfigError):
+        kat_image_processor(224, crop_pct=1.5)
+    image = Image.fromarray(np.random.default_rng(1).integers(0, 256, (600, 500, 3), dtype=np.uint8))
+    out = kat_image_processor(448)(image, return_tensors="pt").pixel_values  # timm keeps the crop rule at 448
+    torch.testing.assert_close(out[0], timm_eval_transform(image, 448), rtol=0, atol=1e-6)
 
 
 def test_backbone_feature_maps(tmp_path):
@@ -297,6 +331,49 @@ def test_backbone_feature_maps(tmp_path):
         assert [m.shape for m in backbone(torch.randn(1, 3, 48, 24)).feature_maps] == [(1, 32, 6, 3)] * 2
 
 
+def test_backbone_returns_exactly_the_stages_and_outputs_asked_for():
+    from hf_kan.models.kat import KATBackbone
+
+    config = tiny_config(num_hidden_layers=3, out_features=["stem", "stage2"], attn_implementation="eager")
+    backbone = KATBackbone(config).eval()
+    encoder = KATModel(config).eval()
+    encoder.load_state_dict(backbone.state_dict())  # same parameter names
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        plain = backbone(x)
+        full = backbone(x, output_hidden_states=True, output_attentions=True)
+        picked = backbone(x, output_hidden_states=[0, -1])
+        reference = encoder(x, output_hidden_states=True, output_attentions=True)
+    # by default: the requested feature maps only, no hidden states, no attentions
+    assert len(plain.feature_maps) == 2 and plain.hidden_states is None and plain.attentions is None
+    for fmap, state in zip(plain.feature_maps, (reference.hidden_states[0], reference.hidden_states[2])):
+        torch.testing.assert_close(fmap, encoder.layernorm(state)[:, 1:].reshape(2, 4, 4, 32).permute(0, 3, 1, 2))
+    # asked for: every hidden state (embeddings + 3 blocks) and the [B, H, T, T] attentions of the 3 blocks
+    assert len(full.hidden_states) == 4 and len(full.attentions) == 3
+    for got, want in zip(full.hidden_states + full.attentions, reference.hidden_states + reference.attentions):
+        torch.testing.assert_close(got, want)
+    assert full.attentions[0].shape == (2, 2, 17, 17)
+    # an index selection returns those hidden states only, as in every Transformers model
+    assert [h is not None for h in picked.hidden_states] == [True, False, False, True]
+    assert picked.attentions is None
+    assert len(backbone(x, return_dict=False)) == 1  # (feature_maps,)
+
+
+@pytest.mark.parametrize("auto_name", ["AutoModel", "AutoModelForImageClassification", "AutoBackbone"])
+def test_from_config_in_bf16_keeps_rationals_fp32_and_forward_finite(auto_name):
+    import transformers
+
+    auto = getattr(transformers, auto_name)
+    model = auto.from_config(tiny_config(), dtype=torch.bfloat16).eval()
+    rational = {n: p.dtype for n, p in model.named_parameters() if ".rational_" in n}
+    others = {p.dtype for n, p in model.named_parameters() if ".rational_" not in n}
+    assert rational and set(rational.values()) == {torch.float32} and others == {torch.bfloat16}
+    with torch.no_grad():
+        out = model(torch.randn(2, 3, 32, 32, dtype=torch.bfloat16))
+    result = out.feature_maps[-1] if auto_name == "AutoBackbone" else out[0]
+    assert result.dtype == torch.bfloat16 and torch.isfinite(result.float()).all()
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_loading_keeps_rationals_fp32(tmp_path, dtype):
     model = KATForImageClassification(tiny_config()).eval()
@@ -318,8 +395,8 @@ def test_public_api_of_the_kat_package():
     from hf_kan.models.kat import configuration_kat, convert_kat_timm, modeling_kat
 
     assert sorted(kat_pkg.__all__) == sorted([
-        "KAT_SIZES", "KATBackbone", "KATConfig", "KATForImageClassification", "KATModel", "KATPreTrainedModel",
-        "kat_image_processor",
+        "KAT_SIZES", "KATBackbone", "KATConfig", "KATForImageClassification", "KATImageProcessor", "KATModel",
+        "KATPreTrainedModel", "kat_image_processor",
     ])
     for module in (kat_pkg, configuration_kat, modeling_kat, convert_kat_timm):
         for name in module.__all__:

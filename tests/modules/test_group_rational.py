@@ -208,6 +208,22 @@ def test_module_api_shapes_reset_and_factory_kwargs():
     assert "groups=8" in text and "'gelu'" in text and "shared" in text
 
 
+def test_coefficients_are_fp32_unless_a_dtype_is_given():
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)  # what from_config(..., dtype=torch.bfloat16) does while building
+    try:
+        module = GroupRational(16, 4, init="swish", backend="reference")
+        explicit = GroupRational(16, 4, dtype=torch.float16)
+    finally:
+        torch.set_default_dtype(default)
+    assert module.weight_numerator.dtype == module.weight_denominator.dtype == torch.float32
+    assert explicit.weight_numerator.dtype == torch.float16
+    x = torch.randn(3, 16, dtype=torch.bfloat16)
+    out = module(x)  # bf16 activations with fp32 coefficients: bf16 out, same as computing in fp32 and rounding
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, module(x.float()).to(torch.bfloat16), rtol=0, atol=0)
+
+
 def test_module_errors():
     with pytest.raises(HFKanConfigError, match="divide"):
         GroupRational(30, 8)

@@ -13,7 +13,8 @@ function registered with ``AttentionInterface`` may be selected; it receives the
 ``karat_operator`` and replaces the KArAt computation (a warning says so).
 """
 
-from __future__ import annotations
+# (no `from __future__ import annotations`: Transformers inspects the `**kwargs: Unpack[TransformersKwargs]`
+# annotation of the forwards at run time, e.g. to tell whether a model can return attentions)
 
 from collections.abc import Callable
 
@@ -33,7 +34,13 @@ from ...errors import ImageSizeError, UnsupportedModelError
 from ...hub import ModelCardMixin
 from ...modules.fourier_attention import FourierKArAtOperator
 from ...modules.vit_embeddings import ClassTokenEmbeddings, PatchEmbeddings
-from ..vit_common import ClassTokenClassifierMixin, PreNormBlock, build_classifier, init_vit_weights
+from ..vit_common import (
+    ClassTokenClassifierMixin,
+    PreNormBlock,
+    build_classifier,
+    drop_path_rates,
+    init_vit_weights,
+)
 from .configuration_karat import KArAtConfig
 
 logger = logging.get_logger(__name__)
@@ -226,8 +233,7 @@ class KArAtModel(KArAtPreTrainedModel):
             )
             for _ in range(config.num_operators)
         )
-        rates = torch.linspace(0, config.drop_path_rate, config.num_hidden_layers).tolist()
-        self.layers = nn.ModuleList([KArAtLayer(config, drop_path=rate) for rate in rates])
+        self.layers = nn.ModuleList([KArAtLayer(config, drop_path=rate) for rate in drop_path_rates(config)])
         self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.post_init()
 

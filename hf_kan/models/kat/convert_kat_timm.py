@@ -11,8 +11,11 @@ from ``--num-heads``, from ``--preset`` or from the published size with the same
 shape is checked against the layout that architecture implies before anything is written; any mismatch
 raises :class:`~hf_kan.errors.ConversionError` naming the keys.
 
-Output: ``model.safetensors``, ``config.json``, ``preprocessor_config.json`` (the published bicubic /
-crop 0.875 / ImageNet mean-std transform) and ``README.md`` (model card).
+Output: ``model.safetensors``, ``config.json``, ``preprocessor_config.json`` and ``README.md`` (model card). The
+processor config names ``KATImageProcessor`` (timm's bicubic / crop 0.875 / ImageNet mean-std evaluation transform,
+pixel for pixel): ``import hf_kan`` registers it with ``AutoImageProcessor`` for the PIL backend only, so
+``AutoImageProcessor.from_pretrained(out_dir)`` reproduces the published preprocessing even where torchvision is
+installed (see :mod:`.image_processing_kat`).
 """
 
 from __future__ import annotations
@@ -386,7 +389,8 @@ def _run(args: argparse.Namespace) -> int:
     print(
         f"wrote {args.out_dir}: {type(model).__name__}, D={cfg.hidden_size}, {cfg.num_hidden_layers} layers, "
         f"{cfg.num_attention_heads} heads, {cfg.image_size}px/patch {cfg.patch_size}, {cfg.num_labels} labels, "
-        f"{sum(p.numel() for p in model.parameters()):,} parameters"
+        f"{sum(p.numel() for p in model.parameters()):,} parameters; preprocessor_config.json: KATImageProcessor "
+        "(timm's evaluation transform, PIL backend)"
     )
     return 0
 

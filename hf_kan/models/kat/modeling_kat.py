@@ -5,7 +5,8 @@ layers: ``rational_1 -> fc1 -> rational_2 -> fc2``. Attention goes through Trans
 attention interface (``"sdpa"`` by default, ``"eager"`` or any registered implementation).
 """
 
-from __future__ import annotations
+# (no `from __future__ import annotations`: Transformers inspects the `**kwargs: Unpack[TransformersKwargs]`
+# annotation of the forwards at run time, e.g. to tell whether a model can return attentions)
 
 import math
 from collections.abc import Callable
@@ -19,14 +20,20 @@ from transformers.modeling_outputs import BackboneOutput, BaseModelOutputWithPoo
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.processing_utils import Unpack
 from transformers.utils import TransformersKwargs, logging
-from transformers.utils.generic import can_return_tuple, merge_with_config_defaults
+from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
 from ...errors import ImageSizeError
 from ...hub import ModelCardMixin
 from ...modules.group_rational import GroupRational
 from ...modules.vit_embeddings import ClassTokenEmbeddings, PatchEmbeddings
-from ..vit_common import ClassTokenClassifierMixin, PreNormBlock, build_classifier, init_vit_weights
+from ..vit_common import (
+    ClassTokenClassifierMixin,
+    PreNormBlock,
+    build_classifier,
+    drop_path_rates,
+    init_vit_weights,
+)
 from .configuration_kat import KATConfig
 
 logger = logging.get_logger(__name__)
@@ -180,12 +187,6 @@ class KATMLP(nn.Module):
         return self.fc2(self.dropout(self.rational_2(hidden_states)))
 
 
-def _drop_path_rates(config: KATConfig) -> list[float]:
-    """Stochastic-depth rate of each block, rising linearly from 0 to ``config.drop_path_rate``."""
-    last = max(config.num_hidden_layers - 1, 1)
-    return [config.drop_path_rate * i / last for i in range(config.num_hidden_layers)]
-
-
 class KATLayer(PreNormBlock):
     """Pre-norm transformer block: ``x + attn(norm1(x))`` then ``x + mlp(norm2(x))`` (GR-KAN MLP).
 
@@ -238,7 +239,7 @@ class KATModel(KATPreTrainedModel):
         super().__init__(config)
         self.config = config
         self.embeddings = KATEmbeddings(config)
-        self.layers = nn.ModuleList([KATLayer(config, drop_path=rate) for rate in _drop_path_rates(config)])
+        self.layers = nn.ModuleList([KATLayer(config, drop_path=rate) for rate in drop_path_rates(config)])
         self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.post_init()
 
@@ -294,30 +295,38 @@ class KATBackbone(BackboneMixin, KATPreTrainedModel):
         super().__init__(config)
         self.num_features = [config.hidden_size] * (config.num_hidden_layers + 1)
         self.embeddings = KATEmbeddings(config)
-        self.layers = nn.ModuleList([KATLayer(config, drop_path=rate) for rate in _drop_path_rates(config)])
+        self.layers = nn.ModuleList([KATLayer(config, drop_path=rate) for rate in drop_path_rates(config)])
         self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.post_init()
 
     def get_input_embeddings(self) -> KATPatchEmbeddings:
         return self.embeddings.patch_embeddings
 
-    @can_return_tuple
+    @merge_with_config_defaults
+    @capture_outputs(tie_last_hidden_states=False)
     def forward(self, pixel_values: torch.Tensor, **kwargs: Unpack[TransformersKwargs]) -> BackboneOutput:
-        r"""Feature maps of the stages in ``config.out_features`` for ``pixel_values`` ``[B, C, H, W]``."""
-        kwargs.pop("output_hidden_states", None)
+        r"""Feature maps of the stages in ``config.out_features`` for ``pixel_values`` ``[B, C, H, W]``.
+
+        ``output_hidden_states=True`` also returns the embeddings and the output of every block (an index or a list
+        of indices returns only those, as in every Transformers model); ``output_attentions=True`` the ``[B, H, T, T]``
+        attention weights of every block (needs an implementation that forms them, e.g. ``"eager"``).
+        """
         batch_size, _, height, width = pixel_values.shape
-        hidden_states = self.embeddings(pixel_values.to(self.layernorm.weight.dtype), interpolate_pos_encoding=True)
-        all_states = [hidden_states]
-        for layer in self.layers:
-            hidden_states = layer(hidden_states, None, **kwargs)
-            all_states.append(hidden_states)
         grid_h, grid_w = height // self.config.patch_size, width // self.config.patch_size
-        feature_maps = tuple(
-            self.layernorm(state)[:, 1:].reshape(batch_size, grid_h, grid_w, -1).permute(0, 3, 1, 2).contiguous()
-            for stage, state in zip(self.stage_names, all_states)
-            if stage in self.out_features
-        )
-        return BackboneOutput(feature_maps=feature_maps, hidden_states=tuple(all_states))
+
+        def feature_map(stage_idx: int, state: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            if self.stage_names[stage_idx] not in self.out_features:
+                return ()
+            tokens = self.layernorm(state)[:, 1:]  # drop the class token
+            return (tokens.reshape(batch_size, grid_h, grid_w, -1).permute(0, 3, 1, 2).contiguous(),)
+
+        hidden_states = self.embeddings(pixel_values.to(self.layernorm.weight.dtype), interpolate_pos_encoding=True)
+        feature_maps = feature_map(0, hidden_states)
+        for stage_idx, layer in enumerate(self.layers, start=1):
+            hidden_states = layer(hidden_states, None, **kwargs)
+            feature_maps += feature_map(stage_idx, hidden_states)
+        # hidden_states / attentions are filled in by capture_outputs when (and as far as) they are asked for
+        return BackboneOutput(feature_maps=feature_maps)
 
 
 __all__ = ["KATBackbone", "KATForImageClassification", "KATModel", "KATPreTrainedModel"]
