@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ...errors import InputLayoutError
-from ..layout import VisualItem, runs
+from ..engine.layout import VisualItem, runs
 
 
 @dataclass(frozen=True)

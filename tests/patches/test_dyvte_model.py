@@ -7,7 +7,9 @@ Models have 3 decoder layers, so an exit after layer 0 or 1 leaves later layers 
 import pytest
 import torch
 import vlm_models as V
-from hf_kan.patches.dyvte import VisualKeyMask, extra_runtime, routers_of
+from hf_kan.patches.dyvte.routers import routers_of
+from hf_kan.patches.dyvte.runtime import VisualKeyMask
+from hf_kan.patches.engine import extra_runtime
 
 import hf_kan  # noqa: F401
 from hf_kan import patches as P

@@ -5,8 +5,9 @@ import json
 import pytest
 import torch
 import vlm_models as V
-from hf_kan.patches import HFKanCache, MMAConfig, PatchConfig, PatchRuntime
-from hf_kan.patches.compute import explicit_attention, sdpa_compute
+from hf_kan.patches import HFKanCache, MMAConfig, PatchConfig
+from hf_kan.patches.engine import PatchRuntime
+from hf_kan.patches.engine.compute import explicit_attention, sdpa_compute
 
 import hf_kan  # noqa: F401
 from hf_kan import patches as P

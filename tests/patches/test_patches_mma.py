@@ -3,9 +3,9 @@
 import pytest
 import torch
 import vlm_models as V
-from hf_kan.patches.layout import IMAGE, VisualItem, build_layout
-from hf_kan.patches.masks import base_mask
-from hf_kan.patches.mma import mma_rule
+from hf_kan.patches.engine.layout import IMAGE, VisualItem, build_layout
+from hf_kan.patches.engine.masks import base_mask
+from hf_kan.patches.mma.runtime import mma_rule, with_assistant_spans
 
 import hf_kan  # noqa: F401
 from hf_kan import patches as P
@@ -20,8 +20,9 @@ def _mask(input_ids, attention_mask, image_cols, opener=(V.ASSISTANT,)):
             n = len(cols)
             zeros = torch.zeros(n, dtype=torch.long)
             items.append(VisualItem(b, cols[0], IMAGE, zeros, zeros, torch.arange(n), torch.zeros(n, dtype=torch.bool)))
-    lay = build_layout(torch.tensor(input_ids), None if attention_mask is None else torch.tensor(attention_mask),
-                       items, 0, opener)
+    ids = torch.tensor(input_ids)
+    lay = build_layout(ids, None if attention_mask is None else torch.tensor(attention_mask), items)
+    lay = with_assistant_spans(lay, ids, opener)
     return mma_rule(lay, lay, base_mask(lay, lay)).int().tolist()
 
 

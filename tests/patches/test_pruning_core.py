@@ -5,9 +5,10 @@ Models have 3 decoder layers so that K = 2 leaves layers before and after the dr
 import pytest
 import torch
 import vlm_models as V
-from hf_kan.patches.dropping import keep_index
-from hf_kan.patches.pruning import keep_counts
-from hf_kan.patches.pruning_config import PruneConfig
+from hf_kan.patches.engine import PatchRuntime
+from hf_kan.patches.engine.dropping import keep_index
+from hf_kan.patches.prune.config import PruneConfig
+from hf_kan.patches.prune.runtime import keep_counts
 
 import hf_kan  # noqa: F401
 from hf_kan import patches as P
@@ -201,7 +202,7 @@ def test_mma_and_pruning_decode_correctly(family):
     if "mm_token_type_ids" in inputs:
         full["mm_token_type_ids"] = (seq == V.IMAGE).int()
 
-    class KeepOnly(P.PatchRuntime):
+    class KeepOnly(PatchRuntime):
         layer_dependent_mask = True
 
         def changes_mask(self, state):

@@ -6,14 +6,12 @@ every layer; with tau = 1.5 some image tokens are sinks too (hidden size 32 caps
 paper's tau = 20 is unreachable here).
 """
 
-import inspect
-
 import pytest
 import torch
 import vlm_models as V
-from hf_kan.patches.runtime import PatchRuntime
-from hf_kan.patches.var_config import default_var_layers
-from hf_kan.patches.visualize_var import assemble, plot_var, record_var
+from hf_kan.patches.engine.runtime import PatchRuntime
+from hf_kan.patches.var.config import default_var_layers
+from hf_kan.patches.var.picture import assemble, plot_var, record_var
 
 import hf_kan  # noqa: F401
 from hf_kan import patches as P
@@ -211,7 +209,6 @@ def test_var_layer_holding_a_subset_of_positions_decodes_correctly():
     assert (unmasked - expected).abs().max() > 1e-4 and sinks_dropped  # the dropped keys (sinks among them) mattered
 
 
-@pytest.mark.skipif("prune" not in inspect.signature(P.apply).parameters, reason="token pruning not wired in yet")
 @pytest.mark.parametrize("family", V.FAMILIES)
 def test_var_mma_and_pruning_decode_correctly(family):
     """VAR + MMA + FastV-style pruning at layer 2 (keep 50%): every cached decode step equals one full forward over
