@@ -25,13 +25,16 @@ def _modules() -> dict[str, Path]:
     return out
 
 
-def import_graph() -> dict[str, set[str]]:
-    """``module -> modules of the package it imports`` (``from pkg import sub`` counts as importing ``pkg.sub``)."""
-    modules = _modules()
-    graph: dict[str, set[str]] = {name: set() for name in modules}
-    for name, path in modules.items():
-        package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
-        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+def import_graph(sources: dict[str, tuple[bool, str]] | None = None) -> dict[str, set[str]]:
+    """``module -> modules of the package it imports``, from every import statement, the ones inside functions
+    included (``from pkg import sub`` counts as importing ``pkg.sub``). ``sources``: ``name -> (is_package, text)``
+    (default: the installed ``hf_kan.patches``)."""
+    if sources is None:
+        sources = {name: (path.name == "__init__.py", path.read_text()) for name, path in _modules().items()}
+    graph: dict[str, set[str]] = {name: set() for name in sources}
+    for name, (is_package, text) in sources.items():
+        package = name if is_package else name.rsplit(".", 1)[0]
+        for node in ast.walk(ast.parse(text)):
             targets = []
             if isinstance(node, ast.Import):
                 targets = [alias.name for alias in node.names]
@@ -42,8 +45,8 @@ def import_graph() -> dict[str, set[str]]:
                     source = ".".join(base + ([node.module] if node.module else []))
                 else:
                     source = node.module or ""
-                targets = [f"{source}.{a.name}" if f"{source}.{a.name}" in modules else source for a in node.names]
-            graph[name].update(t for t in targets if t in modules and t != name)
+                targets = [f"{source}.{a.name}" if f"{source}.{a.name}" in sources else source for a in node.names]
+            graph[name].update(t for t in targets if t in sources and t != name)
     return graph
 
 
@@ -99,8 +102,24 @@ def test_layers_engine_families_methods_registry_api():
     assert not bad, bad
 
 
+def test_optional_plotting_is_imported_only_inside_functions():
+    """``import hf_kan.patches`` must not import matplotlib (an optional extra): only function bodies may."""
+    for name, path in _modules().items():
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+                assert not any(n.split(".")[0] == "matplotlib" for n in names), name
+
+
 def test_the_checker_sees_function_level_imports_and_cycles():
-    graph = import_graph()
-    assert f"{PACKAGE}.api" in graph[f"{PACKAGE}.prune.calibrate"]  # a module-level import
-    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == ["a", "b", "c", "a"]
+    sources = {
+        "p": (True, "from . import a\n"),
+        "p.a": (False, "from .b import f\n"),
+        "p.b": (False, "def f():\n    from . import a\n    return a\n"),  # closes the cycle inside a function
+        "p.c": (False, "import p.a\nfrom p import b\n"),
+    }
+    graph = import_graph(sources)
+    assert graph == {"p": {"p.a"}, "p.a": {"p.b"}, "p.b": {"p.a"}, "p.c": {"p.a", "p.b"}}
+    assert find_cycle(graph) == ["p.a", "p.b", "p.a"]
     assert find_cycle({"a": {"b"}, "b": set()}) is None
+    assert f"{PACKAGE}.api" in import_graph()[f"{PACKAGE}.prune.calibrate"]
