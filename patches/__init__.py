@@ -9,6 +9,7 @@ reports what is active. This namespace holds the user calls and config classes; 
 
 from __future__ import annotations
 
+from . import registry  # noqa: F401  (registers the built-in patches; first: everything below reads the table)
 from .api import apply, detach, from_pretrained, status
 from .dyvte import DyVTEConfig
 from .dyvte.runtime import exit_layers, mask_visual_after

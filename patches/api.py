@@ -1,6 +1,7 @@
 """Public entry points: ``apply`` (turn patches on/off on a loaded model), ``status`` (what is active),
 ``detach`` (remove the hooks) and ``from_pretrained`` (load + apply). Every patch argument, the stored config and the
-status come from the registered ``PatchSpec``s (``registry.py``); nothing here names a patch."""
+status come from the table of registered ``PatchSpec``s (``engine/spec.py``; the built-in patches are registered by
+``registry.py`` when ``hf_kan.patches`` is imported); nothing here names a patch."""
 
 from __future__ import annotations
 
@@ -12,8 +13,8 @@ from ..errors import HFKanConfigError, UnsupportedModelError
 from .engine.config import CONFIG_ATTRIBUTE, PatchConfig
 from .engine.hooks import attach_hooks, check_implementation, detach_hooks, hooks_attached, is_flash
 from .engine.options import ApplyContext
+from .engine.spec import names, specs
 from .families import adapter_for
-from .registry import names, specs
 
 
 def apply(model: nn.Module, *, processor: Any = None, tokenizer: Any = None, **patches: Any) -> PatchConfig:
