@@ -19,6 +19,7 @@ import argparse
 
 import _common as bench
 import torch
+from hf_kan.patches.engine.efficiency import layer_flops
 
 import hf_kan  # noqa: F401  (registers "hf_kan")
 from hf_kan import patches
@@ -61,7 +62,7 @@ def main(argv=None):
     # decode-step FLOPs of the unpatched model: every layer attends all prompt + generated keys
     n_keys = x["attention_mask"].shape[1] + args.decode_steps + 2
     cfg = models["unpatched"].config.text_config
-    base_decode_flops = args.layers * patches.efficiency.layer_flops(cfg, torch.ones(args.batch),
+    base_decode_flops = args.layers * layer_flops(cfg, torch.ones(args.batch),
                                                                      torch.full((args.batch,), n_keys))
     med = {v: {"prefill": bench.medians(prefill[v]), "decode": bench.medians(decode[v])} for v in variants}
     rows = []

@@ -16,9 +16,9 @@ from collections.abc import Sequence
 SUBCOMMAND_MODULES: tuple[str, ...] = (
     "hf_kan.models.kat.convert_kat_timm",
     "hf_kan.moh.train",
-    "hf_kan.patches.dyvte_train",
-    "hf_kan.patches.pruning_calibrate",
-    "hf_kan.patches.var_calibrate",
+    "hf_kan.patches.dyvte.train",
+    "hf_kan.patches.prune.calibrate",
+    "hf_kan.patches.var.cli",
     "hf_kan.train.image_classification",
     "hf_kan.train.demo",
     "hf_kan.eval.tasks",

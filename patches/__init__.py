@@ -1,55 +1,44 @@
 """Attention patches for multimodal LLMs, shipped as ``hf_kan.patches``.
 
-Importing registers the ``"hf_kan"`` attention implementation (attention function + mask builder). Use it with
-``attn_implementation="hf_kan"`` (or ``{"text_config": "hf_kan", "vision_config": "sdpa"}``) and turn patches on
-with :func:`apply`; :func:`status` reports what is active. See ``patches/DESIGN.md`` for the data flow.
+Importing registers the ``"hf_kan"`` attention implementation (attention function + mask builder) and the built-in
+patches (MMA, VAR, FastV/PDrop pruning, DyVTE). Use it with ``attn_implementation="hf_kan"`` (or
+``{"text_config": "hf_kan", "vision_config": "sdpa"}``) and turn patches on with :func:`apply`; :func:`status`
+reports what is active. This namespace holds the user calls and config classes; patch authors find the engine in
+``hf_kan.patches.engine`` and the patch table in ``hf_kan.patches.registry``. See ``patches/DESIGN.md``.
 """
 
 from __future__ import annotations
 
-from . import backend
+from . import registry  # noqa: F401  (registers the built-in patches; first: everything below reads the table)
 from .api import apply, detach, from_pretrained, status
-from .cache import HFKanCache, KVLedger
-from .config import MMAConfig, PatchConfig
-from .dropping import drop_tokens, drop_visual
-from .dyvte import exit_layers, mask_visual_after
-from .dyvte_config import DyVTEConfig
-from .efficiency import EfficiencyReport, efficiency_report
-from .families import ADAPTERS, adapter_for
-from .layout import IMAGE, PAD, TEXT, VIDEO, TokenLayout
-from .pruning import calibrate_trend, padding_cache
-from .pruning_config import PruneConfig
-from .runtime import PatchRuntime
-from .state import ForwardState
-from .var_calibrate import find_sink_dims, sink_dim_scores
-from .var_config import VARConfig
-from .visualize_pruning import kept_token_grid, plot_kept_tokens
+from .dyvte import DyVTEConfig
+from .dyvte.runtime import exit_layers, mask_visual_after
+from .engine import backend
+from .engine.cache import HFKanCache
+from .engine.config import PatchConfig
+from .engine.efficiency import EfficiencyReport, efficiency_report
+from .mma import MMAConfig
+from .prune import PruneConfig
+from .prune.calibrate import calibrate_trend
+from .prune.picture import kept_token_grid, plot_kept_tokens
+from .prune.runtime import padding_cache
+from .var import VARConfig
+from .var.calibrate import find_sink_dims, sink_dim_scores
+from .var.picture import plot_var, record_var
 
 backend.register()
 
 __all__ = [
-    "ADAPTERS",
-    "IMAGE",
-    "PAD",
-    "TEXT",
-    "VIDEO",
     "DyVTEConfig",
     "EfficiencyReport",
-    "ForwardState",
     "HFKanCache",
-    "KVLedger",
     "MMAConfig",
     "PatchConfig",
-    "PatchRuntime",
     "PruneConfig",
-    "TokenLayout",
     "VARConfig",
-    "adapter_for",
     "apply",
     "calibrate_trend",
     "detach",
-    "drop_tokens",
-    "drop_visual",
     "efficiency_report",
     "exit_layers",
     "find_sink_dims",
@@ -58,6 +47,8 @@ __all__ = [
     "mask_visual_after",
     "padding_cache",
     "plot_kept_tokens",
+    "plot_var",
+    "record_var",
     "sink_dim_scores",
     "status",
 ]

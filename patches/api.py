@@ -1,5 +1,7 @@
 """Public entry points: ``apply`` (turn patches on/off on a loaded model), ``status`` (what is active),
-``detach`` (remove the hooks) and ``from_pretrained`` (load + apply)."""
+``detach`` (remove the hooks) and ``from_pretrained`` (load + apply). Every patch argument, the stored config and the
+status come from the table of registered ``PatchSpec``s (``engine/spec.py``; the built-in patches are registered by
+``registry.py`` when ``hf_kan.patches`` is imported); nothing here names a patch."""
 
 from __future__ import annotations
 
@@ -8,64 +10,30 @@ from typing import Any
 from torch import nn
 
 from ..errors import HFKanConfigError, UnsupportedModelError
-from .arguments import argument_options
-from .config import CONFIG_ATTRIBUTE, MMAConfig, PatchConfig, _parse_sub
-from .dyvte import attach_routers, router_hook
-from .dyvte_config import DyVTEConfig, resolve_dyvte
+from .engine.config import CONFIG_ATTRIBUTE, PatchConfig
+from .engine.hooks import attach_hooks, check_implementation, detach_hooks, hooks_attached, is_flash
+from .engine.options import ApplyContext
+from .engine.spec import names, specs
 from .families import adapter_for
-from .hooks import LayerHooks, ModelHook, check_implementation, is_flash
-from .pruning_config import PruneConfig, resolve_prune
-from .template import assistant_opener_ids
-from .var import resolve_var
-from .var_config import VARConfig
-
-_HANDLES = "_hf_kan_hook_handles"
 
 
-def _resolve_mma(value, current: MMAConfig | None, template_source, vocab_size: int | None) -> MMAConfig | None:
-    if value is None:
-        return current
-    if value is False:
-        return None
-    if isinstance(value, MMAConfig):
-        cfg = value
-    else:
-        value = argument_options("mma", value, MMAConfig)
-        if "assistant_token_ids" not in value:
-            if template_source is not None:
-                value["assistant_token_ids"] = assistant_opener_ids(template_source)
-            elif current is not None:
-                value["assistant_token_ids"] = current.assistant_token_ids
-            else:
-                raise HFKanConfigError(
-                    "MMA needs the token ids that open the assistant turn: pass processor=... (or tokenizer=...) so "
-                    "they are derived from its chat template, or mma={'assistant_token_ids': [...]}"
-                )
-        cfg = _parse_sub("mma", MMAConfig, value)
-    if vocab_size is not None and any(i >= vocab_size for i in cfg.assistant_token_ids):
-        raise HFKanConfigError(
-            f"mma.assistant_token_ids {list(cfg.assistant_token_ids)} contains ids outside the vocabulary "
-            f"(size {vocab_size}); were they made by another model's tokenizer?"
-        )
-    return cfg
-
-
-def apply(model: nn.Module, *, mma: bool | dict | MMAConfig | None = None, var: bool | dict | VARConfig | None = None,
-          prune: bool | str | dict | PruneConfig | None = None, dyvte: bool | dict | DyVTEConfig | None = None,
-          processor: Any = None, tokenizer: Any = None) -> PatchConfig:
+def apply(model: nn.Module, *, processor: Any = None, tokenizer: Any = None, **patches: Any) -> PatchConfig:
     """Apply or change hf_kan patches on a loaded model; returns the resulting ``PatchConfig``.
 
-    Each patch argument is ``None`` (leave as configured), ``False`` (off), ``True`` (on with defaults), a dict of
-    options or a config dataclass. ``processor`` / ``tokenizer`` supply the chat template from which MMA's
-    assistant-turn opener is derived; VAR without ``sink_dims`` finds them with ``find_sink_dims(model)`` (one
-    first-token forward) and stores its default layers explicitly; ``prune`` takes ``"fastv"``, ``"pdrop"``, a dict
-    (``{"method": "pdrop", "keep_ratios": [...]}``) or a ``PruneConfig``; ``dyvte`` attaches DyVTE routers to the
-    model (restoring saved ones, see ``dyvte.attach_routers``). The text model's attention is switched to
-    ``"hf_kan"`` (the vision tower is left as it is), the config is stored JSON-serialisably as
-    ``config.text_config.hf_kan`` (saved by ``save_pretrained``), and the model and decoder-layer hooks are
-    attached once. Calling ``apply(model)`` with no arguments after ``from_pretrained`` re-attaches the hooks for
-    the saved configuration.
+    Each keyword names a registered patch (``mma``, ``var``, ``prune``, ``dyvte``, or one registered with
+    ``hf_kan.patches.registry.register``); its value is ``None`` (leave as configured), ``False`` (off), ``True``
+    (on with defaults), a dict of options or the patch's config dataclass. ``processor`` / ``tokenizer`` supply the
+    chat template from which MMA's assistant-turn opener is derived; VAR without ``sink_dims`` finds them with
+    ``find_sink_dims(model)`` (one first-token forward) and stores its default layers explicitly; ``prune`` also takes
+    ``"fastv"`` / ``"pdrop"`` (``{"method": "pdrop", "keep_ratios": [...]}``); ``dyvte`` attaches DyVTE routers to the
+    model (restoring saved ones). The text model's attention is switched to ``"hf_kan"`` (the vision tower is left as
+    it is), the config is stored JSON-serialisably as ``config.text_config.hf_kan`` (saved by ``save_pretrained``),
+    and the model and decoder-layer hooks are attached once. Calling ``apply(model)`` with no arguments after
+    ``from_pretrained`` re-attaches the hooks (and extra modules) for the saved configuration.
     """
+    unknown = sorted(set(patches) - set(names()))
+    if unknown:
+        raise HFKanConfigError(f"unknown patch(es) {unknown}; registered patches: {list(names())}")
     adapter = adapter_for(model)
     text_config = model.config.get_text_config()
     layer_types = getattr(text_config, "layer_types", None) or []
@@ -75,13 +43,13 @@ def apply(model: nn.Module, *, mma: bool | dict | MMAConfig | None = None, var: 
             f"{sorted(set(layer_types))}"
         )
     current = PatchConfig.from_dict(getattr(text_config, CONFIG_ATTRIBUTE, None))
-    config = current.replace(mma=_resolve_mma(mma, current.mma, processor or tokenizer,
-                                              getattr(text_config, "vocab_size", None)))
-    config = config.replace(var=resolve_var(var, current.var, model, len(adapter.decoder_layers(model))))
-    config = config.replace(prune=resolve_prune(prune, current.prune, len(adapter.decoder_layers(model))))
-    config = config.replace(dyvte=resolve_dyvte(dyvte, current.dyvte, len(adapter.decoder_layers(model)),
-                                                text_config.hidden_size))
-    attach_routers(model, config.dyvte)
+    context = ApplyContext(model=model, text_config=text_config, num_layers=len(adapter.decoder_layers(model)),
+                           template_source=processor or tokenizer)
+    config = PatchConfig(**{spec.name: spec.resolve_argument(patches.get(spec.name), current.get(spec.name), context)
+                            for spec in specs()})
+    for spec in specs():
+        if spec.attach is not None and config.get(spec.name) is not None:
+            spec.attach(model, config.get(spec.name))
     impl = text_config._attn_implementation
     if is_flash(impl):
         check_implementation(config, impl)
@@ -90,24 +58,14 @@ def apply(model: nn.Module, *, mma: bool | dict | MMAConfig | None = None, var: 
         if model.config.get_text_config()._attn_implementation != "hf_kan":
             raise UnsupportedModelError(f"could not switch {type(model).__name__}'s text attention to 'hf_kan'")
     setattr(text_config, CONFIG_ATTRIBUTE, config.to_dict())
-    if not getattr(model, _HANDLES, None):
-        hook = ModelHook(adapter)
-        handles = [model.register_forward_pre_hook(hook, with_kwargs=True),
-                   model.register_forward_hook(hook.after, with_kwargs=True)]
-        for i, layer in enumerate(adapter.decoder_layers(model)):
-            hooks = LayerHooks(i)
-            handles.append(layer.register_forward_pre_hook(hooks.before, with_kwargs=True))
-            handles.append(layer.register_forward_hook(hooks.after, with_kwargs=True))
-        handles.append(model.register_forward_pre_hook(router_hook, with_kwargs=True))  # after ModelHook
-        object.__setattr__(model, _HANDLES, handles)
+    attach_hooks(model, adapter)
     return config
 
 
 def detach(model: nn.Module) -> None:
-    """Remove the hf_kan hooks from ``model`` (its config section is kept; ``apply(model)`` re-attaches)."""
-    for h in getattr(model, _HANDLES, None) or []:
-        h.remove()
-    object.__setattr__(model, _HANDLES, None)
+    """Remove the hf_kan hooks from ``model`` (its config section and extra modules are kept; ``apply(model)``
+    re-attaches)."""
+    detach_hooks(model)
 
 
 def status(model: nn.Module) -> dict[str, Any]:
@@ -120,7 +78,7 @@ def status(model: nn.Module) -> dict[str, Any]:
         "family": model.config.model_type,
         "text_attn_implementation": text_config._attn_implementation,
         "vision_attn_implementation": getattr(vision, "_attn_implementation", None),
-        "hooks_attached": bool(getattr(model, _HANDLES, None)),
+        "hooks_attached": hooks_attached(model),
         "active": list(config.active),
         "patches": {k: v for k, v in config.to_dict().items() if k != "version"},
     }

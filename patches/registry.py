@@ -1,23 +1,18 @@
-"""Which runtime implements which patch (name in the config -> ``PatchRuntime`` subclass).
+"""The patches this hf-kan ships, registered in the order their runtimes run: one line per method folder.
 
-A new patch adds one line here (and its config dataclass in ``config.py``)."""
+Each method folder (``mma/``, ``var/``, ``prune/``, ``dyvte/``) declares one ``PatchSpec`` as ``SPEC`` in its
+``__init__``; registering it here is all ``apply``, ``PatchConfig``, ``status`` and the command line need. A patch
+that lives outside hf-kan registers itself the same way with :func:`register` (and leaves with :func:`unregister`).
+"""
 
 from __future__ import annotations
 
-from .config import PatchConfig
-from .dyvte import DyVTERuntime
-from .mma import MMARuntime
-from .pruning import PruneRuntime
-from .runtime import PatchRuntime
-from .var import VARRuntime
+from . import dyvte, mma, prune, var
+from .engine.spec import CliCommand, PatchSpec, cli_commands, names, register, spec_for, specs, unregister
 
-RUNTIMES: dict[str, type[PatchRuntime]] = {"mma": MMARuntime, "var": VARRuntime, "prune": PruneRuntime,
-                                           "dyvte": DyVTERuntime}
+register(mma.SPEC)
+register(var.SPEC)
+register(prune.SPEC)
+register(dyvte.SPEC)
 
-
-def runtimes_for(config: PatchConfig) -> list[PatchRuntime]:
-    """Fresh runtimes of the active patches, in registry order (one set per forward)."""
-    return [RUNTIMES[name](getattr(config, name)) for name in RUNTIMES if getattr(config, name) is not None]
-
-
-__all__ = ["RUNTIMES", "runtimes_for"]
+__all__ = ["CliCommand", "PatchSpec", "cli_commands", "names", "register", "spec_for", "specs", "unregister"]

@@ -1,9 +1,11 @@
 """Tiny random vision-language models and inputs for the four families the patches support.
 
-Reusable by every patch test (MMA, pruning, DyVTE, VAR): ``build(family, attn_implementation=...)`` returns a tiny
-model built from a config (random weights, CPU), and ``make_inputs(family, prompts)`` builds a batch of model inputs
-from a list of prompts written as token lists, where the string ``"<image>"`` stands for one image (expanded into the
-right number of image tokens for that family) and the integers are text token ids. Samples of unequal length are
+Reusable by every patch test (MMA, pruning, DyVTE, VAR). Each family is one small ``Family`` spec in
+``FAMILY_SPECS`` (config, model class, image placeholders, pixels); adding a family adds one spec.
+``build(family, attn_implementation=...)`` returns a tiny model built from a config (random weights, CPU), and
+``make_inputs(family, prompts)`` builds a batch of model inputs from a list of prompts written as token lists, where
+the string ``"<image>"`` stands for one image (expanded into the right number of image tokens for that family) and
+the integers are text token ids. Samples of unequal length are
 padded on the ``padding_side`` given. Every prompt ends with the assistant-turn opener ``ASSISTANT`` so MMA has a
 boundary to find.
 
@@ -13,6 +15,9 @@ Token ids (shared by all families): 0 pad, 1 bos, 2 eos, 3 ``USER``, 4 ``ASSISTA
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from transformers import (
@@ -28,7 +33,6 @@ from transformers import (
     Qwen2VLForConditionalGeneration,
 )
 
-FAMILIES = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl")
 PAD, BOS, EOS, USER, ASSISTANT, IMAGE, VIDEO, VSTART, VEND = 0, 1, 2, 3, 4, 5, 6, 7, 8
 VOCAB = 64
 IMG = "<image>"
@@ -65,53 +69,121 @@ def _qwen_text(num_layers: int = 2, hidden: int = 32) -> dict:
     )
 
 
+def _llava_config(config_class, **extra):
+    def config(num_layers: int):
+        return config_class(vision_config=_clip(), text_config=_llama_text(num_layers), vision_feature_layer=-1,
+                            vision_feature_select_strategy="default", image_token_id=IMAGE,
+                            tie_word_embeddings=False, **extra)
+
+    return config
+
+
+def _qwen_config(config_class, vision: dict):
+    def config(num_layers: int):
+        return config_class(text_config=_qwen_text(num_layers), vision_config=vision, image_token_id=IMAGE,
+                            video_token_id=VIDEO, vision_start_token_id=VSTART, vision_end_token_id=VEND,
+                            tie_word_embeddings=False)
+
+    return config
+
+
+def _next_image_tokens(image: dict) -> list[int]:
+    from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, unpad_image
+
+    h, w = image["size"]
+    nph, npw = get_anyres_image_grid_shape((h, w), NEXT_PINPOINTS, 16)
+    s = 16 // 4
+    r, c = unpad_image(torch.zeros(1, nph * s, npw * s), (h, w)).shape[-2:]
+    return [IMAGE] * (s * s + r * (c + 1))
+
+
+def _qwen_image_tokens(image: dict) -> list[int]:
+    t, h, w = image["thw"]
+    return [VSTART] + [IMAGE] * (t * (h // QWEN_MERGE) * (w // QWEN_MERGE)) + [VEND]
+
+
+def _qwen_pixels(images: list[dict], gen: torch.Generator) -> dict:
+    thw = torch.tensor([im["thw"] for im in images])
+    n_patches = int(thw.prod(-1).sum())
+    return {"pixel_values": torch.randn(n_patches, 3 * QWEN_TPATCH * QWEN_PATCH * QWEN_PATCH, generator=gen),
+            "image_grid_thw": thw}
+
+
+def _qwen_select(inputs: dict, first: int, n: int) -> dict:
+    thw = inputs["image_grid_thw"]
+    rows = torch.cat([torch.zeros(1, dtype=torch.long), thw.prod(-1).cumsum(0)])
+    return {"pixel_values": inputs["pixel_values"][rows[first]:rows[first + n]], "image_grid_thw": thw[first:first + n]}
+
+
+def _slices(*keys: str):
+    """``select`` for families whose image tensors have one leading row per image."""
+    return lambda inputs, first, n: {k: inputs[k][first:first + n] for k in keys}
+
+
+@dataclass(frozen=True)
+class Family:
+    """One tiny test family: how to build it, and how its images appear in prompts and inputs."""
+
+    name: str
+    model_class: type
+    #: ``num_layers -> config`` (hidden 32, 4 heads / 2 KV heads)
+    config: Callable[[int], object]
+    #: default image descriptions; the k-th image of a batch takes ``images[k % len(images)]`` (so layouts differ)
+    images: tuple[dict, ...]
+    #: placeholder token ids of one image
+    image_tokens: Callable[[dict], list[int]]
+    #: the image tensors of a batch's images, in order (random pixels from ``gen``)
+    pixels: Callable[[list[dict], torch.Generator], dict]
+    #: the image tensors of images ``[first, first + n)`` of a batch made by ``make_inputs``
+    select: Callable[[dict, int, int], dict]
+    #: the inputs carry ``mm_token_type_ids`` (1 on image tokens)
+    token_types: bool = False
+
+
+FAMILY_SPECS: dict[str, Family] = {f.name: f for f in (
+    # LLaVA: 16 px images, patch 4 -> a 4 x 4 grid of 16 tokens per image.
+    Family("llava", LlavaForConditionalGeneration, _llava_config(LlavaConfig), ({},),
+           image_tokens=lambda image: [IMAGE] * (LLAVA_GRID * LLAVA_GRID),
+           pixels=lambda images, gen: {"pixel_values": torch.randn(len(images), 3, 16, 16, generator=gen)},
+           select=_slices("pixel_values")),
+    # LLaVA-NeXT: base 4 x 4 grid plus the unpadded high-resolution grid (1 base + up to 4 tiles of 16 px).
+    Family("llava_next", LlavaNextForConditionalGeneration,
+           _llava_config(LlavaNextConfig, image_grid_pinpoints=NEXT_PINPOINTS),
+           ({"size": (20, 30)}, {"size": (30, 12)}, {"size": (32, 32)}), image_tokens=_next_image_tokens,
+           pixels=lambda images, gen: {"pixel_values": torch.randn(len(images), 5, 3, 16, 16, generator=gen),
+                                       "image_sizes": torch.tensor([im["size"] for im in images])},
+           select=_slices("pixel_values", "image_sizes")),
+    # Qwen2-VL / Qwen2.5-VL: patch 4, merge 2; a 16 x 24 px image is grid_thw (1, 4, 6) -> 2 x 3 = 6 tokens.
+    Family("qwen2_vl", Qwen2VLForConditionalGeneration,
+           _qwen_config(Qwen2VLConfig, dict(depth=1, embed_dim=32, hidden_size=32, num_heads=2, mlp_ratio=2,
+                                            patch_size=QWEN_PATCH, spatial_merge_size=QWEN_MERGE,
+                                            temporal_patch_size=QWEN_TPATCH, in_channels=3)),
+           ({"thw": (1, 4, 6)}, {"thw": (1, 4, 4)}, {"thw": (1, 6, 4)}), image_tokens=_qwen_image_tokens,
+           pixels=_qwen_pixels, select=_qwen_select, token_types=True),
+    Family("qwen2_5_vl", Qwen2_5_VLForConditionalGeneration,
+           _qwen_config(Qwen2_5_VLConfig, dict(depth=2, hidden_size=32, out_hidden_size=32, intermediate_size=64,
+                                               num_heads=2, patch_size=QWEN_PATCH, spatial_merge_size=QWEN_MERGE,
+                                               temporal_patch_size=QWEN_TPATCH, window_size=16,
+                                               fullatt_block_indexes=[1], in_channels=3)),
+           ({"thw": (1, 4, 6)}, {"thw": (1, 4, 4)}, {"thw": (1, 6, 4)}), image_tokens=_qwen_image_tokens,
+           pixels=_qwen_pixels, select=_qwen_select, token_types=True),
+)}
+FAMILIES = tuple(FAMILY_SPECS)
+
+
 def config_for(family: str, num_layers: int = 2):
-    """The tiny config of ``family`` (2 decoder layers, hidden 32, 4 heads / 2 KV heads)."""
-    common = dict(image_token_id=IMAGE, tie_word_embeddings=False)
-    if family == "llava":
-        return LlavaConfig(
-            vision_config=_clip(), text_config=_llama_text(num_layers), vision_feature_layer=-1,
-            vision_feature_select_strategy="default", **common,
-        )
-    if family == "llava_next":
-        return LlavaNextConfig(
-            vision_config=_clip(), text_config=_llama_text(num_layers), vision_feature_layer=-1,
-            vision_feature_select_strategy="default", image_grid_pinpoints=NEXT_PINPOINTS, **common,
-        )
-    if family == "qwen2_vl":
-        return Qwen2VLConfig(
-            text_config=_qwen_text(num_layers),
-            vision_config=dict(depth=1, embed_dim=32, hidden_size=32, num_heads=2, mlp_ratio=2, patch_size=QWEN_PATCH,
-                               spatial_merge_size=QWEN_MERGE, temporal_patch_size=QWEN_TPATCH, in_channels=3),
-            video_token_id=VIDEO, vision_start_token_id=VSTART, vision_end_token_id=VEND, **common,
-        )
-    if family == "qwen2_5_vl":
-        return Qwen2_5_VLConfig(
-            text_config=_qwen_text(num_layers),
-            vision_config=dict(depth=2, hidden_size=32, out_hidden_size=32, intermediate_size=64, num_heads=2,
-                               patch_size=QWEN_PATCH, spatial_merge_size=QWEN_MERGE, temporal_patch_size=QWEN_TPATCH,
-                               window_size=16, fullatt_block_indexes=[1], in_channels=3),
-            video_token_id=VIDEO, vision_start_token_id=VSTART, vision_end_token_id=VEND, **common,
-        )
-    raise KeyError(family)
-
-
-_CLASSES = {
-    "llava": LlavaForConditionalGeneration,
-    "llava_next": LlavaNextForConditionalGeneration,
-    "qwen2_vl": Qwen2VLForConditionalGeneration,
-    "qwen2_5_vl": Qwen2_5_VLForConditionalGeneration,
-}
+    """The tiny config of ``family`` (``num_layers`` decoder layers, hidden 32, 4 heads / 2 KV heads)."""
+    return FAMILY_SPECS[family].config(num_layers)
 
 
 def model_class(family: str):
-    return _CLASSES[family]
+    return FAMILY_SPECS[family].model_class
 
 
 def build(family: str, attn_implementation="sdpa", seed: int = 0, num_layers: int = 2):
     """A tiny random model of ``family`` in eval mode, float32, on CPU (same weights for the same ``seed``)."""
     torch.manual_seed(seed)
-    model = _CLASSES[family]._from_config(config_for(family, num_layers), attn_implementation=attn_implementation)
+    model = model_class(family)._from_config(config_for(family, num_layers), attn_implementation=attn_implementation)
     # Random init of tiny models gives near-uniform attention; scale q/k up so masks visibly change the outputs.
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -120,8 +192,9 @@ def build(family: str, attn_implementation="sdpa", seed: int = 0, num_layers: in
     return model.eval()
 
 
-def module_model_cache(num_layers: int):
-    """A ``model_for(family, impl="hf_kan")`` that builds each tiny model once per test module.
+def module_model_cache(num_layers: int, prepare: Callable | None = None):
+    """A ``model_for(family, impl="hf_kan")`` that builds each tiny model once per test module (``prepare(model)``
+    applied after building, e.g. ``plant_sink_dims``).
 
     Each call returns its own cache, so patches that one test module applies never reach another module's models.
     """
@@ -129,39 +202,24 @@ def module_model_cache(num_layers: int):
 
     def model_for(family: str, impl: str = "hf_kan"):
         if (family, impl) not in cache:
-            cache[family, impl] = build(family, impl, num_layers=num_layers)
+            model = build(family, impl, num_layers=num_layers)
+            cache[family, impl] = prepare(model) if prepare is not None else model
         return cache[family, impl]
 
     return model_for
 
 
+def plant_sink_dims(model, dims=(3, 17), values=(1.0, -0.7), token: int = BOS):
+    """Give ``token``'s embedding "massive activations" in ``dims``, so it is a VAR sink token in every layer (hidden
+    size 32 caps ``phi`` at ``sqrt(32 / 2) = 4``, so VAR tests use ``tau = 1.5``, not the paper's 20)."""
+    with torch.no_grad():
+        emb = model.get_input_embeddings().weight
+        for d, v in zip(dims, values):
+            emb[token, d] = v
+    return model
+
+
 # ----------------------------------------------------------------------------------------------- inputs
-
-
-def _image_tokens(family: str, image: dict) -> list[int]:
-    """Placeholder token ids for one image, given its per-family description."""
-    if family == "llava":
-        return [IMAGE] * (LLAVA_GRID * LLAVA_GRID)
-    if family == "llava_next":
-        from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, unpad_image
-
-        h, w = image["size"]
-        nph, npw = get_anyres_image_grid_shape((h, w), NEXT_PINPOINTS, 16)
-        s = 16 // 4
-        unpadded = unpad_image(torch.zeros(1, nph * s, npw * s), (h, w))
-        r, c = unpadded.shape[-2:]
-        return [IMAGE] * (s * s + r * (c + 1))
-    t, h, w = image["thw"]
-    return [VSTART] + [IMAGE] * (t * (h // QWEN_MERGE) * (w // QWEN_MERGE)) + [VEND]
-
-
-def default_image(family: str, k: int = 0) -> dict:
-    """The k-th default image description: NeXT sizes and Qwen grids vary with k so multi-image layouts differ."""
-    if family == "llava_next":
-        return {"size": [(20, 30), (30, 12), (32, 32)][k % 3]}
-    if family in ("qwen2_vl", "qwen2_5_vl"):
-        return {"thw": [(1, 4, 6), (1, 4, 4), (1, 6, 4)][k % 3]}
-    return {}
 
 
 def make_inputs(family: str, prompts: list[list], padding_side: str = "left", seed: int = 0) -> dict:
@@ -170,6 +228,7 @@ def make_inputs(family: str, prompts: list[list], padding_side: str = "left", se
     Images get random pixels (seeded). Returns ``input_ids``, ``attention_mask``, the family's image tensors and,
     for Qwen, ``mm_token_type_ids``.
     """
+    spec = FAMILY_SPECS[family]
     gen = torch.Generator().manual_seed(seed)
     seqs, images, per_sample = [], [], []
     for prompt in prompts:
@@ -177,9 +236,9 @@ def make_inputs(family: str, prompts: list[list], padding_side: str = "left", se
         ids = []
         for item in prompt:
             if item == IMG:
-                image = default_image(family, len(images))
+                image = spec.images[len(images) % len(spec.images)]
                 images.append(image)
-                ids += _image_tokens(family, image)
+                ids += spec.image_tokens(image)
             else:
                 ids.append(int(item))
         seqs.append(ids)
@@ -192,22 +251,10 @@ def make_inputs(family: str, prompts: list[list], padding_side: str = "left", se
         attention_mask[b, sl] = 1
     out = Inputs(input_ids=input_ids, attention_mask=attention_mask)
     out.images_per_sample = per_sample
-    if not images:
-        if family in ("qwen2_vl", "qwen2_5_vl"):
-            out["mm_token_type_ids"] = torch.zeros_like(input_ids, dtype=torch.int)
-        return out
-    if family == "llava":
-        out["pixel_values"] = torch.randn(len(images), 3, 16, 16, generator=gen)
-    elif family == "llava_next":
-        # 1 base tile + up to 4 high-res tiles per image (pinpoints at most 32 x 32 with 16 px tiles).
-        out["pixel_values"] = torch.randn(len(images), 5, 3, 16, 16, generator=gen)
-        out["image_sizes"] = torch.tensor([im["size"] for im in images])
-    else:
-        thw = torch.tensor([im["thw"] for im in images])
-        n_patches = int(thw.prod(-1).sum())
-        out["pixel_values"] = torch.randn(n_patches, 3 * QWEN_TPATCH * QWEN_PATCH * QWEN_PATCH, generator=gen)
-        out["image_grid_thw"] = thw
+    if spec.token_types:
         out["mm_token_type_ids"] = (input_ids == IMAGE).to(torch.int)
+    if images:
+        out.update(spec.pixels(images, gen))
     return out
 
 
@@ -229,15 +276,7 @@ def sample_inputs(family: str, inputs: Inputs, b: int) -> Inputs:
         out["mm_token_type_ids"] = inputs["mm_token_type_ids"][b][valid][None]
     if n == 0 or "pixel_values" not in inputs:
         return out
-    if family in ("llava", "llava_next"):
-        out["pixel_values"] = inputs["pixel_values"][first:first + n]
-        if family == "llava_next":
-            out["image_sizes"] = inputs["image_sizes"][first:first + n]
-    else:
-        thw = inputs["image_grid_thw"]
-        rows = torch.cat([torch.zeros(1, dtype=torch.long), thw.prod(-1).cumsum(0)])
-        out["pixel_values"] = inputs["pixel_values"][rows[first]:rows[first + n]]
-        out["image_grid_thw"] = thw[first:first + n]
+    out.update(FAMILY_SPECS[family].select(inputs, first, n))
     return out
 
 

@@ -4,7 +4,7 @@ An adapter is a small declarative ``FamilyAdapter``: the ``model_type`` it serve
 and one function ``visual_items(model, input_ids, inputs)`` that finds the visual tokens of the current forward and
 returns them as ``VisualItem`` runs (with grid coordinates), raising ``InputLayoutError`` when the image-token count
 does not match the images. Everything generic (text/padding, original positions, MMA spans, masks, cache ledger)
-is done once, in ``layout.build_layout`` and the backend.
+is done once, in ``engine.layout.build_layout`` and the backend.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ...errors import InputLayoutError
-from ..layout import VisualItem, runs
+from ..engine.layout import VisualItem, runs
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from ..layout import IMAGE, VisualItem, raster
+from ..engine.layout import IMAGE, VisualItem, raster
 from .base import FamilyAdapter, encoder_image_features, mismatch, split_runs
 
 

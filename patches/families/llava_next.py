@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, unpad_image
 
-from ..layout import IMAGE, VisualItem, raster
+from ..engine.layout import IMAGE, VisualItem, raster
 from .base import FamilyAdapter, encoder_image_features, mismatch, split_runs
 
 

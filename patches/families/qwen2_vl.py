@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ..layout import IMAGE, VIDEO, VisualItem, raster
+from ..engine.layout import IMAGE, VIDEO, VisualItem, raster
 from .base import FamilyAdapter, mismatch, split_runs
 
 

@@ -9,9 +9,9 @@ import sys
 
 import pytest
 import torch
-from hf_kan.patches.dyvte import router_features, routers_of
-from hf_kan.patches.dyvte_data import collate, generate_samples, tiny_llava
-from hf_kan.patches.dyvte_train import exit_label, make_exit_examples, train_routers
+from hf_kan.patches.dyvte.data import collate, generate_samples, tiny_llava
+from hf_kan.patches.dyvte.routers import router_features, routers_of
+from hf_kan.patches.dyvte.train import exit_label, make_exit_examples, train_routers
 
 import hf_kan  # noqa: F401
 from hf_kan import patches as P
@@ -130,7 +130,7 @@ def test_exit_examples_match_an_independent_masked_forward(tiny):
 
 
 def test_router_features_fall_back_to_the_last_token_without_text_after_the_image():
-    from hf_kan.patches.layout import IMAGE, TEXT, TokenLayout
+    from hf_kan.patches.engine.layout import IMAGE, TEXT, TokenLayout
 
     mod = torch.tensor([[TEXT, IMAGE, IMAGE]])
     z = torch.zeros_like(mod)
@@ -158,7 +158,7 @@ def test_short_training_changes_only_the_routers(tiny):
 def test_cli_under_accelerate_launch_saves_reloadable_routers(tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--cpu",
-           "-m", "hf_kan.patches.dyvte_train", "--output-dir", str(out), "--num-samples", "8", "--batch-size", "4",
+           "-m", "hf_kan.patches.dyvte.train", "--output-dir", str(out), "--num-samples", "8", "--batch-size", "4",
            "--learning-rate", "1e-2", "--router-hidden", "8"]
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)

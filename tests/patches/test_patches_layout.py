@@ -3,9 +3,11 @@
 import pytest
 import torch
 import vlm_models as V
-from hf_kan.patches import IMAGE, PAD, TEXT, VIDEO, adapter_for
-from hf_kan.patches.layout import build_layout
-from hf_kan.patches.template import assistant_opener_ids
+from hf_kan.patches.engine import IMAGE, PAD, TEXT, VIDEO
+from hf_kan.patches.engine.layout import build_layout
+from hf_kan.patches.families import adapter_for
+from hf_kan.patches.mma.chat_template import assistant_opener_ids
+from hf_kan.patches.mma.runtime import with_assistant_spans
 
 import hf_kan  # noqa: F401
 from hf_kan.errors import HFKanConfigError, InputLayoutError, UnsupportedModelError
@@ -14,7 +16,8 @@ from hf_kan.errors import HFKanConfigError, InputLayoutError, UnsupportedModelEr
 def layout_of(family, inputs, opener=(V.ASSISTANT,)):
     model = V.shared(family)
     items = adapter_for(model).visual_items(model, inputs["input_ids"], dict(inputs))
-    return build_layout(inputs["input_ids"], inputs["attention_mask"], items, 0, opener)
+    return with_assistant_spans(build_layout(inputs["input_ids"], inputs["attention_mask"], items), inputs["input_ids"],
+                                opener)
 
 
 def test_llava_single_image_layout_by_hand():
@@ -132,7 +135,7 @@ def test_qwen_video_frames():
     ids = torch.tensor([[V.BOS, 10, V.VSTART] + [V.VIDEO] * 8 + [V.VEND, 11, V.ASSISTANT]])
     inputs = {"input_ids": ids, "video_grid_thw": torch.tensor([[2, 4, 4]]), "pixel_values_videos": torch.zeros(1)}
     items = adapter_for(model).visual_items(model, ids, inputs)
-    lay = build_layout(ids, None, items, 0, (V.ASSISTANT,))
+    lay = with_assistant_spans(build_layout(ids, None, items), ids, (V.ASSISTANT,))
     vid = slice(3, 11)
     assert lay.modality[0, vid].tolist() == [VIDEO] * 8
     assert lay.grid[0, vid].tolist() == [0] * 4 + [1] * 4  # temporal index

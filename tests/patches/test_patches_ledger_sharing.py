@@ -3,8 +3,8 @@ and stop sharing when a later drop makes them differ; decoding stays equal to th
 
 import torch
 import vlm_models as V
-from hf_kan.patches.cache import KVLedger
-from hf_kan.patches.layout import build_layout
+from hf_kan.patches.engine.cache import KVLedger
+from hf_kan.patches.engine.layout import build_layout
 
 import hf_kan  # noqa: F401
 from hf_kan import patches as P

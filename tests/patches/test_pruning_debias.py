@@ -3,7 +3,8 @@
 import pytest
 import torch
 import vlm_models as V
-from hf_kan.patches.debias import debias_scores, fit_trend, image_padding_fractions, visual_index
+from hf_kan.patches.prune.calibrate import collect_scores
+from hf_kan.patches.prune.debias import debias_scores, fit_trend, image_padding_fractions, visual_index
 from test_pruning_core import PROMPTS, K, kept_positions, model_for
 
 import hf_kan  # noqa: F401
@@ -115,7 +116,7 @@ def test_calibrate_trend_fits_and_stores_b():
     model = model_for("qwen2_vl")
     P.apply(model, mma=False, prune={"layers": [K], "keep_ratios": [0.5], "debias": True})
     calib = [V.make_inputs("qwen2_vl", [V.standard_prompt(1, before=2 + s)], seed=s) for s in range(3)]
-    scores = P.pruning.collect_scores(model, calib)
+    scores = collect_scores(model, calib)
     assert len(scores) == 3 and all(s.numel() == 6 for s in scores) and all(bool((s > 0).all()) for s in scores)
     b = P.calibrate_trend(model, calib)
     assert b == pytest.approx(fit_trend(scores), abs=1e-12)
@@ -127,7 +128,7 @@ def test_calibrate_prune_command_stores_the_trend(tmp_path):
     import json
 
     import numpy as np
-    from hf_kan.patches.pruning_calibrate import calibration_images, calibration_inputs
+    from hf_kan.patches.prune.calibrate import calibration_images, calibration_inputs
     from PIL import Image
     from transformers import CLIPImageProcessor, LlavaProcessor
 

@@ -3,8 +3,8 @@
 import numpy as np
 import torch
 import vlm_models as V
-from hf_kan.patches.efficiency import layer_flops
-from hf_kan.patches.visualize_pruning import overlay
+from hf_kan.patches.engine.efficiency import layer_flops
+from hf_kan.patches.prune.picture import overlay
 from PIL import Image
 from test_pruning_core import LAYERS, PROMPTS, K, kept_positions, model_for
 

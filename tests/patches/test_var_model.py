@@ -1,19 +1,18 @@
-"""VAR on tiny random models of the four families: what changes and what must not, cached decoding, padding,
-composition with MMA and with a layer holding a subset of positions, the sink-dimension finder, CLI and picture.
+"""VAR on tiny random models of the four families: what changes and what must not, a layer holding a subset of
+positions, the sink table kept with the cache, the sink-dimension finder, CLI and picture (p = 1 == off, padded
+batches, cached decoding, beam search and composition with MMA and pruning: ``test_invariants.py``).
 
-The tiny models get "massive activations" planted in the BOS embedding (dims 3 and 17), so BOS is a text sink in
-every layer; with tau = 1.5 some image tokens are sinks too (hidden size 32 caps phi at sqrt(32 / 2) = 4, so the
-paper's tau = 20 is unreachable here).
+The tiny models get "massive activations" planted in the BOS embedding (dims 3 and 17, ``V.plant_sink_dims``), so
+BOS is a text sink in every layer; with tau = 1.5 some image tokens are sinks too (hidden size 32 caps phi at
+sqrt(32 / 2) = 4, so the paper's tau = 20 is unreachable here).
 """
-
-import inspect
 
 import pytest
 import torch
 import vlm_models as V
-from hf_kan.patches.runtime import PatchRuntime
-from hf_kan.patches.var_config import default_var_layers
-from hf_kan.patches.visualize_var import assemble, plot_var, record_var
+from hf_kan.patches.engine.runtime import PatchRuntime
+from hf_kan.patches.var.config import default_var_layers
+from hf_kan.patches.var.picture import assemble, plot_var, record_var
 
 import hf_kan  # noqa: F401
 from hf_kan import patches as P
@@ -21,25 +20,15 @@ from hf_kan.errors import HFKanConfigError, UnsupportedModelError
 
 DIMS = [3, 17]
 VAR = {"sink_dims": DIMS, "tau": 1.5, "rho": 0.5, "layers": [1, 2, 3]}
-MMA = {"assistant_token_ids": [V.ASSISTANT]}
 PROMPTS = [V.standard_prompt(1, before=2, after=6), V.standard_prompt(1, before=4)]
 GEN = dict(do_sample=False, suppress_tokens=V.SUPPRESS, return_dict_in_generate=True, output_logits=True)
-_MODELS: dict = {}
-
-
-def plant(model, dims=(3, 17), values=(1.0, -0.7), token=V.BOS):
-    with torch.no_grad():
-        emb = model.get_input_embeddings().weight
-        for d, v in zip(dims, values):
-            emb[token, d] = v
-    return model
+model_for = V.module_model_cache(4, prepare=V.plant_sink_dims)
+plant = V.plant_sink_dims
 
 
 def var_model(family, **options):
-    """The shared 4-layer planted model of ``family`` with VAR set to ``VAR | options`` (MMA off)."""
-    if family not in _MODELS:
-        _MODELS[family] = plant(V.build(family, "hf_kan", num_layers=4))
-    model = _MODELS[family]
+    """The module's 4-layer planted model of ``family`` with VAR set to ``VAR | options`` (MMA off)."""
+    model = model_for(family)
     P.apply(model, mma=False, var={**VAR, **options})
     return model
 
@@ -84,62 +73,6 @@ def test_var_changes_only_queries_after_the_image_and_preserves_row_sums(family)
     torch.testing.assert_close(on[early & valid], off[early & valid], rtol=0, atol=1e-5)
     late = ~early & valid
     assert (on[late] - off[late]).abs().amax(-1).min() > 1e-4  # every query after the image changes
-
-
-@pytest.mark.parametrize("family", V.FAMILIES)
-def test_p_one_equals_var_off(family):
-    model = var_model(family, p=1.0)
-    inputs = V.make_inputs(family, PROMPTS, "left")
-    with record_var(model) as trace, torch.no_grad():
-        on = model(**inputs).logits
-    assert all(n_selected(trace, layer) > 0 for layer in (1, 2, 3))  # the explicit path ran and selected rows
-    P.apply(model, var=False)
-    valid = inputs["attention_mask"].bool()
-    torch.testing.assert_close(on[valid], logits(model, inputs)[valid], rtol=1e-5, atol=1e-5)
-
-
-def _full_forward_logits(model, inputs, sequences):
-    full = dict(inputs)
-    full["input_ids"] = sequences
-    new = torch.ones_like(sequences[:, inputs["input_ids"].shape[1]:])
-    full["attention_mask"] = torch.cat([inputs["attention_mask"], new], 1)
-    if "mm_token_type_ids" in inputs:
-        full["mm_token_type_ids"] = (sequences == V.IMAGE).int()
-    return logits(model, full)
-
-
-@pytest.mark.parametrize("family, mma", [(f, True) for f in V.FAMILIES] + [("llava", False), ("qwen2_vl", False)])
-def test_cached_decoding_equals_full_forward(family, mma):
-    """Every step of a cached generate (batch 2, left padding) equals one full forward over the final sequence."""
-    model = var_model(family)
-    if mma:
-        P.apply(model, mma=MMA)
-    inputs = V.make_inputs(family, [V.standard_prompt(2), V.standard_prompt(1, before=4)], "left")
-    steps = 3
-    with record_var(model) as trace:
-        cached = model.generate(**inputs, max_new_tokens=steps, **GEN)
-    assert n_selected(trace, 2) > 0  # the last decode step was redistributed
-    # sink flags were kept with the cache for every position seen
-    assert cached.cache.ledger.token_data["var_sink"].shape[:2] == (2, cached.sequences.shape[1] - 1)
-    full = _full_forward_logits(model, inputs, cached.sequences)
-    prompt = inputs["input_ids"].shape[1]
-    for k, step_logits in enumerate(cached.logits):
-        torch.testing.assert_close(full[:, prompt - 1 + k], step_logits, rtol=1e-5, atol=1e-5)
-
-
-PADDING_CASES = [(f, "left") for f in V.FAMILIES] + [(f, "right") for f in ("llava", "qwen2_vl")]
-
-
-@pytest.mark.parametrize("family, side", PADDING_CASES)
-def test_padded_batch_equals_each_sample_alone(family, side):
-    model = var_model(family)
-    prompts = [V.standard_prompt(2, before=1), V.standard_prompt(1, before=5, after=4)]
-    inputs = V.make_inputs(family, prompts, side)
-    batch = logits(model, inputs)
-    for b in range(2):
-        alone = logits(model, V.sample_inputs(family, inputs, b))[0]
-        valid = inputs["attention_mask"][b].bool()
-        torch.testing.assert_close(batch[b][valid], alone, rtol=1e-5, atol=1e-5)
 
 
 class _HideKeys(PatchRuntime):
@@ -209,37 +142,6 @@ def test_var_layer_holding_a_subset_of_positions_decodes_correctly():
         hook.remove()
     torch.testing.assert_close(step, expected, rtol=1e-5, atol=1e-5)
     assert (unmasked - expected).abs().max() > 1e-4 and sinks_dropped  # the dropped keys (sinks among them) mattered
-
-
-@pytest.mark.skipif("prune" not in inspect.signature(P.apply).parameters, reason="token pruning not wired in yet")
-@pytest.mark.parametrize("family", V.FAMILIES)
-def test_var_mma_and_pruning_decode_correctly(family):
-    """VAR + MMA + FastV-style pruning at layer 2 (keep 50%): every cached decode step equals one full forward over
-    the final sequence with VAR + MMA and the pruned positions hidden from the keys of layers >= 2."""
-    model = var_model(family)
-    P.apply(model, mma=MMA, prune={"layers": [2], "keep_ratios": [0.5]})
-    inputs = V.make_inputs(family, [V.standard_prompt(2), V.standard_prompt(1, before=4)], "left")
-    try:
-        with record_var(model) as trace:
-            cached = model.generate(**inputs, max_new_tokens=4, **GEN)
-        assert n_selected(trace, 2) > 0 and n_selected(trace, 3) > 0
-        prompt = inputs["input_ids"].shape[1]
-        held = cached.cache.ledger.held
-        assert held[1] is None and held[2] is not None and held[2].shape[1] < cached.sequences.shape[1] - 1
-        dropped = [sorted(set(range(prompt)) - set(held[2][b].tolist())) for b in range(2)]
-        assert all(any(inputs["input_ids"][b, p] == V.IMAGE for p in dropped[b]) for b in range(2))
-        P.apply(model, prune=False)
-        hook = model.register_forward_pre_hook(
-            lambda mod, args, kwargs: kwargs["hf_kan_state"].add_runtime(_HideKeys([2, 3], dropped)),
-            with_kwargs=True)
-        try:
-            full = _full_forward_logits(model, inputs, cached.sequences)
-        finally:
-            hook.remove()
-    finally:
-        P.apply(model, mma=False, prune=False)
-    for k, step_logits in enumerate(cached.logits):
-        torch.testing.assert_close(full[:, prompt - 1 + k], step_logits, rtol=1e-5, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------------- sink dims, apply, save
@@ -319,17 +221,13 @@ def test_plot_var_writes_the_picture(tmp_path):
         assert torch.equal(maps["after"], maps["before"])
 
 
-def test_sink_table_follows_beam_search():
-    """Beam search reorders the cache (and with it the ledger's sink table) every step; cached beams must equal
-    beams recomputed without a cache."""
+def test_sink_table_is_kept_with_the_cache():
+    """The sink flags of every position seen are stored with the cache and follow its batch operations (beam search
+    itself: ``test_invariants.py``)."""
     model = var_model("llava")
     inputs = V.make_inputs("llava", PROMPTS, "left")
-    kw = dict(max_new_tokens=3, num_beams=2, do_sample=False, suppress_tokens=V.SUPPRESS)
-    with record_var(model) as trace:
-        cached = model.generate(**inputs, **kw)
-    assert n_selected(trace, 2) > 0
-    full = model.generate(**inputs, use_cache=False, **kw)
-    assert torch.equal(cached, full)
+    cached = model.generate(**inputs, max_new_tokens=3, **GEN)
+    assert cached.cache.ledger.token_data["var_sink"].shape[:2] == (2, cached.sequences.shape[1] - 1)
     ledger = P.HFKanCache(config=model.config.text_config).ledger
     ledger.token_data["var_sink"] = torch.arange(12).reshape(2, 6, 1) % 5 == 0
     ledger.tokens = model(**inputs).cache.ledger.tokens.narrow(0, 6)

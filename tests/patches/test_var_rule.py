@@ -3,8 +3,8 @@
 import pytest
 import torch
 from hf_kan.patches import PatchConfig, VARConfig
-from hf_kan.patches.compute import explicit_attention
-from hf_kan.patches.var import redistribute, sink_scores
+from hf_kan.patches.engine.compute import explicit_attention
+from hf_kan.patches.var.runtime import redistribute, sink_scores
 
 from hf_kan.errors import HFKanConfigError
 

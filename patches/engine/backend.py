@@ -1,0 +1,108 @@
+"""The ``"hf_kan"`` attention implementation.
+
+Registered with BOTH ``AttentionInterface`` (the attention function) and ``AttentionMaskInterface`` (the mask
+builder) when ``hf_kan`` is imported. Without the second registration Transformers would silently drop padding
+masks for this implementation name.
+
+- Text decoder attention with a ``ForwardState`` in its keyword arguments (put there by the model hook that
+  ``hf_kan.patches.apply`` installs): the mask Transformers built is ignored; the layer's mask is derived from the
+  token metadata and the cache ledger (``ForwardState.mask_for``), and the output is computed by the configured
+  compute path (SDPA on CPU), or with explicit probabilities on layers where a patch transforms them.
+- Anything else (vision towers, a model loaded with ``attn_implementation="hf_kan"`` but never given the hook): the
+  mask builder's deferred mask is materialised exactly as ``sdpa`` would build it, and SDPA runs; the result equals
+  ``"sdpa"``. If the config enables a patch but the hook is missing, a clear error says to call ``apply``.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from ...errors import InputLayoutError
+from .compute import explicit_attention, sdpa_compute
+from .config import CONFIG_ATTRIBUTE
+from .state import STATE_KWARG
+
+IMPLEMENTATION = "hf_kan"
+
+
+class DeferredMask:
+    """What the ``hf_kan`` mask builder returns: the mask arguments, materialised (as ``sdpa_mask``) only if the
+    attention function has no token metadata and needs a standard mask."""
+
+    __slots__ = ("_kwargs", "_mask", "_done")
+
+    def __init__(self, **kwargs):
+        self._kwargs = kwargs
+        self._done = False
+        self._mask = None
+
+    def materialize(self) -> torch.Tensor | None:
+        if not self._done:
+            self._mask = sdpa_mask(**self._kwargs)
+            self._done = True
+        return self._mask
+
+
+def hf_kan_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None, attention_mask=None,
+                **kwargs) -> DeferredMask:
+    """Mask builder registered with ``AttentionMaskInterface``: defers the work (see ``DeferredMask``)."""
+    kwargs.pop("dtype", None)
+    kwargs.pop("config", None)
+    if mask_function is not None:
+        kwargs["mask_function"] = mask_function
+    return DeferredMask(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
+                        kv_offset=kv_offset, attention_mask=attention_mask, **kwargs)
+
+
+def _is_decoder_attention(module) -> bool:
+    return getattr(module, "layer_idx", None) is not None and getattr(module, "is_causal", False)
+
+
+def _has_active_patches(module) -> bool:
+    section = getattr(getattr(module, "config", None), CONFIG_ATTRIBUTE, None)
+    return isinstance(section, dict) and any(k != "version" and v for k, v in section.items())
+
+
+def hf_kan_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """Attention function registered as ``"hf_kan"`` (contract of ``AttentionInterface``): returns
+    ``(output (B, T, H, D), None)``."""
+    state = kwargs.pop(STATE_KWARG, None)
+    if scaling is None:
+        scaling = query.shape[-1] ** -0.5
+    if state is None or not _is_decoder_attention(module):
+        if state is None and _is_decoder_attention(module) and _has_active_patches(module):
+            raise InputLayoutError(
+                "this model's config enables hf_kan patches but the model has no hf_kan hook (e.g. it was just "
+                "loaded with from_pretrained); call hf_kan.patches.apply(model) once to attach it"
+            )
+        if isinstance(attention_mask, DeferredMask):
+            attention_mask = attention_mask.materialize()
+        return sdpa_compute(module, query, key, value, attention_mask, scaling, dropout, kwargs.get("is_causal")), None
+    layer_idx = module.layer_idx
+    mask, is_causal = state.mask_for(layer_idx, key.shape[2])
+    for rt in state.layer_runtimes:
+        rt.observe_attention(state, layer_idx, module, query, key, scaling)
+    transform = None
+    for rt in state.runtimes:
+        fn = rt.probs_transform(state, layer_idx)
+        if fn is not None:
+            if transform is not None:
+                raise InputLayoutError(f"two patches transform attention probabilities on layer {layer_idx}")
+            transform = fn
+    if transform is not None:
+        out = explicit_attention(module, query, key, value, mask, scaling, transform,
+                                 first_row=getattr(transform, "first_row", 0))
+    else:
+        out = state.compute(module, query, key, value, mask, scaling, dropout, is_causal)
+    return out, None
+
+
+def register() -> None:
+    """Register ``"hf_kan"`` with Transformers' attention and mask interfaces (idempotent)."""
+    AttentionInterface.register(IMPLEMENTATION, hf_kan_attention)
+    AttentionMaskInterface.register(IMPLEMENTATION, hf_kan_mask)
+
+
+__all__ = ["IMPLEMENTATION", "DeferredMask", "hf_kan_attention", "hf_kan_mask", "register"]

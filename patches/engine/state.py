@@ -1,0 +1,155 @@
+"""ForwardState: everything the hf_kan backend needs during ONE forward call.
+
+The model-level hook builds it (layout of the new tokens, the cache and its ledger, the active patch runtimes) and
+passes it down as the keyword argument ``hf_kan_state``; Transformers forwards keyword arguments to every decoder
+layer, attention function and ``cache.update``. Nothing is stored globally or on modules, so two models, two
+threads or two interleaved generations never share state.
+
+Rows vs. keys: the *rows* of a layer are the original positions of the hidden-state rows entering it (all tokens of
+this forward, unless a patch dropped some at an earlier layer boundary with ``drop_rows``); the *keys* of a layer are
+the positions its cache holds (``cache.ledger``), or its rows when there is no cache.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+
+from .cache import HFKanCache
+from .compute import COMPUTE
+from .config import PatchConfig
+from .layout import TokenLayout
+from .masks import base_mask, causal_is_trivial_at
+
+STATE_KWARG = "hf_kan_state"
+
+
+class ForwardState:
+    """Per-forward metadata and mask memo of the hf_kan backend."""
+
+    def __init__(self, config: PatchConfig, layout: TokenLayout, cache: HFKanCache | None, runtimes: list,
+                 seen_before: int, compute: str = "sdpa", model=None):
+        self.config = config
+        # weak, so a state kept on an output or a (deep-copied) cache never holds or copies the model
+        self._model = weakref.ref(model) if model is not None else None
+        self.layout = layout
+        self.cache = cache
+        self.runtimes = runtimes
+        self.seen_before = seen_before
+        self.compute = COMPUTE[compute]
+        self._rows: list[tuple[int, torch.Tensor]] = []  # (from_layer, (B, T') positions; -1 = empty row)
+        self._masks: dict = {}
+        self._key_layouts: dict = {}  # id(held) -> [held, its TokenLayout or None]; the reference keeps ids unique
+        self.mask_runtimes = [r for r in runtimes if r.changes_mask(self)]
+        self.layer_runtimes = [r for r in runtimes if r.uses_layer_hooks]
+        self._layer_dependent = any(r.layer_dependent_mask for r in self.mask_runtimes)
+        self.scratch: dict = {}  # per-forward storage for patches (e.g. VAR sink sets, pruning keep sets)
+
+    @property
+    def model(self):
+        """The top-level model running this forward (``None`` if unknown or gone); patches read their extra modules
+        from it (DyVTE's routers)."""
+        return self._model() if self._model is not None else None
+
+    def add_runtime(self, runtime) -> None:
+        """Add a runtime to this forward only (for experiments and tests; configured patches come from the config)."""
+        self.runtimes.append(runtime)
+        if runtime.changes_mask(self):
+            self.mask_runtimes.append(runtime)
+            self._layer_dependent |= runtime.layer_dependent_mask
+            self._masks.clear()
+        if runtime.uses_layer_hooks:
+            self.layer_runtimes.append(runtime)
+
+    # --- rows ------------------------------------------------------------------------------------------------
+    def drop_rows(self, from_layer: int, positions: torch.Tensor) -> None:
+        """From layer ``from_layer`` on, the hidden-state rows are the tokens at original ``positions`` (``(B, T')``,
+        -1 for an empty row in samples that keep fewer tokens). The caller shortens the hidden states itself."""
+        self._rows = [(k, v) for k, v in self._rows if k < from_layer] + [(from_layer, positions)]
+        self._masks.clear()
+
+    def row_positions(self, layer_idx: int) -> torch.Tensor | None:
+        """``(B, T_l)`` original positions of the rows entering layer ``layer_idx``; ``None`` = all new tokens."""
+        current = None
+        for start, pos in self._rows:
+            if start <= layer_idx:
+                current = pos
+        return current
+
+    def query_layout(self, layer_idx: int) -> TokenLayout:
+        rows = self.row_positions(layer_idx)
+        if rows is None:
+            return self.layout
+        return self.layout.gather(torch.where(rows >= 0, rows - self.seen_before, -1))
+
+    # --- keys ------------------------------------------------------------------------------------------------
+    def _held(self, layer_idx: int, key_length: int) -> tuple[torch.Tensor | None, object]:
+        """The ledger's held positions of the layer (checked against ``key_length``) and the memo key of that key
+        set. Layers holding the same positions share one tensor object (see ``KVLedger``), so layouts and masks are
+        built once per group of layers; ``_key_layouts`` keeps each tensor alive, so its id stays unique."""
+        ledger = self.cache.ledger
+        ledger.check(layer_idx, key_length)
+        held = ledger.key_positions(layer_idx)
+        if held is None:
+            return None, ("held", None, key_length)
+        hit = self._key_layouts.get(id(held))
+        if hit is None or hit[0] is not held:
+            self._key_layouts[id(held)] = [held, None]
+        return held, ("held", id(held), key_length)
+
+    def key_layout(self, layer_idx: int, key_length: int) -> tuple[TokenLayout, object]:
+        """Layout of the layer's keys and a memo key identifying that key set."""
+        if self.cache is None:
+            rows = self.row_positions(layer_idx)
+            return self.query_layout(layer_idx), ("rows", None if rows is None else id(rows))
+        held, kkey = self._held(layer_idx, key_length)
+        if held is None:
+            return self.cache.ledger.tokens, kkey
+        entry = self._key_layouts[id(held)]
+        if entry[1] is None:
+            entry[1] = self.cache.ledger.tokens.gather(held)
+        return entry[1], kkey
+
+    def _key_positions(self, layer_idx: int, key_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(B, S)`` original positions and validity of the layer's keys (what ``key_layout(...).position`` and
+        ``.valid`` give), gathering only these two fields."""
+        if self.cache is None:
+            k = self.key_layout(layer_idx, key_length)[0]
+            return k.position, k.valid
+        tokens = self.cache.ledger.tokens
+        held, _ = self._held(layer_idx, key_length)
+        if held is None:
+            return tokens.position, tokens.valid
+        safe = held.clamp(min=0)
+        hole = held < 0
+        position = torch.gather(tokens.position, 1, safe).masked_fill(hole, -1)
+        return position, torch.gather(tokens.valid, 1, safe) & ~hole
+
+    # --- masks -----------------------------------------------------------------------------------------------
+    def mask_for(self, layer_idx: int, key_length: int) -> tuple[torch.Tensor | None, bool]:
+        """``(mask, is_causal)`` for layer ``layer_idx``: a ``(B, 1, T, S)`` bool mask, or ``None`` with
+        ``is_causal`` telling SDPA to apply plain causal masking. Memoised across layers that share rows and keys."""
+        rows = self.row_positions(layer_idx)
+        if self.cache is None:
+            kkey = self.key_layout(layer_idx, key_length)[1]
+        else:
+            kkey = self._held(layer_idx, key_length)[1]
+        memo = (None if rows is None else id(rows), kkey, layer_idx if self._layer_dependent else None)
+        hit = self._masks.get(memo)
+        if hit is not None:
+            return hit
+        q = self.query_layout(layer_idx)
+        if not self.mask_runtimes and causal_is_trivial_at(q.position, *self._key_positions(layer_idx, key_length)):
+            result = (None, q.length > 1)
+        else:
+            k = self.key_layout(layer_idx, key_length)[0]
+            allowed = base_mask(q, k)
+            for rt in self.mask_runtimes:
+                allowed = rt.mask_rule(self, layer_idx, q, k, allowed)
+            result = (allowed[:, None], False)
+        self._masks[memo] = result
+        return result
+
+
+__all__ = ["STATE_KWARG", "ForwardState"]

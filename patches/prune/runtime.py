@@ -1,0 +1,159 @@
+"""Attention-based visual-token pruning (FastV, PDrop) with attention debiasing, on the token-dropping mechanism.
+
+For each stage ``s`` with layer ``K = layers[s]``:
+
+1. in layer K-1's attention call, the configured scorer recomputes, for its voting query row(s) only (FastV/PDrop:
+   each sample's last prompt token), ``softmax(q K^T * scaling)`` under that layer's own mask, averaged over heads
+   (``scorers.attention_votes``): no attention weights are requested from the main kernel;
+2. before layer K runs, each sample keeps its ``floor(r_s * N + 0.5)`` best-scoring visual tokens (``N`` = the
+   sample's visual tokens in this forward), optionally after debiasing (``debias.py``), plus all its text;
+3. ``engine.dropping.drop_tokens`` shortens the hidden states, the rotary embeddings and the cache ledger from
+   layer K on.
+
+Only forwards that contain visual tokens prune (the prefill); decode steps then attend to each layer's cached,
+kept positions. With ``use_cache=False`` every forward re-scores and re-prunes its own full sequence, so the keep set
+can change from step to step (its voter, the last token, changes).
+
+The record of a forward (scores per stage by column, kept original positions per stage) is in
+``output.hf_kan_state.scratch["prune"]`` (and ``cache.hf_kan_prefill_state`` after ``generate``).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ...errors import InputLayoutError
+from ..engine.cache import HFKanCache
+from ..engine.dropping import check_no_labels, current_rows, drop_tokens
+from ..engine.runtime import PatchRuntime
+from .config import PruneConfig
+from .debias import debias_scores, image_padding_fractions, token_padding_fractions, visual_index
+from .scorers import SCORERS
+
+#: attribute of an ``HFKanCache`` holding per-image padding fractions for ``generate`` (see ``padding_cache``)
+PADDING_ATTRIBUTE = "hf_kan_image_padding"
+
+
+def keep_counts(n_visual: torch.Tensor, ratio: float) -> torch.Tensor:
+    """``floor(ratio * N + 0.5)`` visual tokens kept per sample."""
+    return torch.floor(n_visual.double() * ratio + 0.5).long()
+
+
+def select_keep(scores: torch.Tensor, visual: torch.Tensor, real: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """``(B, T)`` bool keep mask: every real non-visual row, and each sample's ``k[b]`` highest-scoring visual rows
+    (ties broken by earlier row)."""
+    masked = torch.where(visual & real, scores.float(), float("-inf"))
+    order = torch.sort(masked, dim=-1, descending=True, stable=True).indices
+    rank = torch.empty_like(order)
+    rank.scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
+    return (real & ~visual) | (visual & real & (rank < k[:, None]))
+
+
+class PruneRuntime(PatchRuntime):
+    """Per-forward runtime of ``PruneConfig`` (registered as ``"prune"``)."""
+
+    name = "prune"
+    uses_layer_hooks = True
+
+    def __init__(self, config: PruneConfig):
+        super().__init__(config)
+        self.scorer = SCORERS[config.scorer]()
+        self._score_stage = {k - 1: s for s, k in enumerate(config.layers)}
+        self._drop_stage = {k: s for s, k in enumerate(config.layers)}
+        self.enabled = False
+        self.padding: torch.Tensor | None = None
+        self.record: dict = {"scores": {}, "kept": {}, "padding": None}
+
+    # --- forward boundaries ----------------------------------------------------------------------------------
+    def begin_forward(self, state, inputs: dict) -> None:
+        self.enabled = bool(state.layout.visual.any())
+        if not self.enabled:
+            return
+        check_no_labels(inputs, "visual-token pruning")
+        state.scratch["prune"] = self.record
+        if self.config.debias:
+            fractions = _image_fractions(state, inputs)
+            if fractions is not None:
+                self.padding = token_padding_fractions(state.layout, fractions)
+                self.record["padding"] = self.padding
+
+    def end_forward(self, state, output) -> None:
+        return None
+
+    # --- scoring (layer K-1) ----------------------------------------------------------------------------------
+    def observe_attention(self, state, layer_idx, module, query, key, scaling) -> None:
+        stage = self._score_stage.get(layer_idx)
+        if not self.enabled or stage is None:
+            return
+        with torch.no_grad():
+            mask, is_causal = state.mask_for(layer_idx, key.shape[2])
+            q = state.query_layout(layer_idx)
+            votes = self.scorer(q, query, key, mask, is_causal, scaling, getattr(module, "num_key_value_groups", 1))
+            keys, _ = state.key_layout(layer_idx, key.shape[2])
+            t = state.layout.length
+            col = keys.position - state.seen_before
+            ok = (col >= 0) & keys.valid
+            by_col = torch.zeros(votes.shape[0], t + 1, dtype=votes.dtype, device=votes.device)
+            by_col.scatter_(1, torch.where(ok, col, t).to(votes.device), votes)
+        self.record["scores"][stage] = by_col[:, :t]
+
+    # --- dropping (layer K) -----------------------------------------------------------------------------------
+    def before_layer(self, state, layer_idx, hidden_states, kwargs):
+        stage = self._drop_stage.get(layer_idx)
+        if not self.enabled or stage is None:
+            return None
+        by_col = self.record["scores"].get(stage)
+        if by_col is None:
+            raise InputLayoutError(
+                f"pruning stage {stage} needs layer {layer_idx - 1}'s attention scores, but that layer did not run "
+                "through the hf_kan attention backend with this forward's state"
+            )
+        rows = current_rows(state, layer_idx)
+        cols = torch.where(rows >= 0, rows - state.seen_before, -1)
+        lay = state.layout.gather(cols)
+        safe = cols.clamp(min=0).to(by_col.device)
+        scores = torch.gather(by_col, 1, safe)
+        visual, real = lay.visual.to(scores.device), lay.valid.to(scores.device)
+        k = keep_counts(state.layout.visual.sum(-1), self.config.keep_ratios[stage]).to(scores.device)
+        if self.config.debias and stage in self.config.debias_stages:
+            index = torch.gather(visual_index(state.layout.visual).to(scores.device), 1, safe)
+            padding = None if self.padding is None else torch.gather(self.padding.to(scores.device), 1, safe)
+            scores, is_pad = debias_scores(scores, index, padding, self.config.trend, self.config.padding_threshold)
+            if is_pad is not None:
+                n_real = (visual & real & ~is_pad).sum(-1)
+                k = torch.where(n_real > 0, torch.minimum(k, n_real), k)
+        keep = select_keep(scores, visual, real, k)
+        out = drop_tokens(state, layer_idx, hidden_states, keep.to(rows.device))
+        self.record["kept"][stage] = state.row_positions(layer_idx)
+        return out
+
+
+def _image_fractions(state, inputs: dict) -> torch.Tensor | None:
+    """Per-image padding fractions ``(N, s, s)`` for LLaVA-style square images, or ``None`` (no padding info: other
+    families, or ``generate`` without ``padding_cache``)."""
+    cached = getattr(state.cache, PADDING_ATTRIBUTE, None) if state.cache is not None else None
+    if cached is not None:
+        return cached
+    pv = inputs.get("pixel_values")
+    lay = state.layout
+    on_grid = lay.visual & (lay.grid == 0) & (lay.row >= 0)
+    if not isinstance(pv, torch.Tensor) or pv.ndim != 4 or bool(lay.newline.any()) or not bool(on_grid.any()):
+        return None
+    s = int(lay.row[on_grid].max()) + 1
+    if pv.shape[-1] != pv.shape[-2] or pv.shape[-1] % s:
+        return None
+    return image_padding_fractions(pv, pv.shape[-1] // s)
+
+
+def padding_cache(model: nn.Module, pixel_values: torch.Tensor):
+    """An empty ``HFKanCache`` carrying the expand-to-square padding fractions of LLaVA ``pixel_values``, for
+    ``model.generate(**inputs, cache=padding_cache(model, inputs["pixel_values"]))``: ``generate`` never passes
+    ``pixel_values`` to the forward, so padding suppression would otherwise have no padding information."""
+    vc = model.config.vision_config
+    cache = HFKanCache(config=model.config.get_text_config())
+    setattr(cache, PADDING_ATTRIBUTE, image_padding_fractions(pixel_values, vc.patch_size))
+    return cache
+
+
+__all__ = ["PADDING_ATTRIBUTE", "PruneRuntime", "keep_counts", "padding_cache", "select_keep"]

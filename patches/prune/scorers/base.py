@@ -1,0 +1,59 @@
+"""The scorer interface and the recomputed single-row attention every attention-based scorer shares."""
+
+from __future__ import annotations
+
+import torch
+from transformers.integrations.sdpa_attention import repeat_kv
+
+from ...engine.layout import TokenLayout
+
+
+def last_prompt_row(q: TokenLayout) -> torch.Tensor:
+    """``(B, T)`` one-hot float weights on each sample's last real query row (largest original position)."""
+    pos = torch.where(q.valid & (q.position >= 0), q.position, -1)
+    last = pos.argmax(-1)
+    out = torch.zeros(q.modality.shape, dtype=torch.float32, device=q.position.device)
+    out[torch.arange(q.batch_size, device=out.device), last] = 1.0
+    return out
+
+
+def attention_votes(query: torch.Tensor, key: torch.Tensor, weights: torch.Tensor, mask: torch.Tensor | None,
+                    is_causal: bool, scaling: float, groups: int) -> torch.Tensor:
+    """``(B, S)`` float32 scores: ``score[b, j] = sum_i w[b, i] * mean_h softmax_j(q[b,h,i] . k[b,h,j] * scaling)``
+    over the query rows ``i`` with non-zero weight, under the layer's own mask (``(B, 1, T, S)`` bool, or ``None``
+    with ``is_causal``). Only the voting rows are recomputed (one row for FastV), in float32."""
+    t, s = query.shape[2], key.shape[2]
+    rows = weights.ne(0).any(0).nonzero().flatten()
+    q = query[:, :, rows].float()  # (B, H, r, D)
+    k = repeat_kv(key, groups).float()  # (B, H, S, D)
+    logits = torch.matmul(q, k.transpose(-1, -2)) * scaling  # (B, H, r, S)
+    if mask is not None:
+        allowed = mask[:, :, rows]
+    elif is_causal:
+        ar = torch.arange(s, device=query.device)
+        allowed = (ar[None, :] <= (s - t + rows)[:, None])[None, None]
+    else:
+        allowed = None
+    if allowed is not None:
+        logits = logits.masked_fill(~allowed, float("-inf"))
+    probs = torch.softmax(logits, -1).mean(1)  # head average: (B, r, S)
+    return torch.einsum("br,brs->bs", weights[:, rows].float(), probs)
+
+
+class Scorer:
+    """Scores the visual tokens of a pruning stage from layer K-1's queries and keys.
+
+    Subclasses set ``name`` and implement ``query_weights``; the score of key ``j`` is the weighted head-averaged
+    attention that the chosen query rows pay to it (``attention_votes``)."""
+
+    name: str = ""
+
+    def query_weights(self, q: TokenLayout) -> torch.Tensor:
+        """``(B, T)`` non-negative weights over the layer's query rows (each sample's weights sum to 1)."""
+        raise TypeError(f"{type(self).__name__} must implement query_weights")
+
+    def __call__(self, q: TokenLayout, query, key, mask, is_causal, scaling, groups) -> torch.Tensor:
+        return attention_votes(query, key, self.query_weights(q), mask, is_causal, scaling, groups)
+
+
+__all__ = ["Scorer", "attention_votes", "last_prompt_row"]

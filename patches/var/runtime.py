@@ -1,0 +1,199 @@
+"""Visual attention redistribution (VAR) from "See What You Are Told: Visual Attention Sink in Large Multimodal
+Models" (Kang et al., ICLR 2025).
+
+Per configured decoder layer l:
+
+1. **Sink tokens** (text or visual): on the residual stream x entering layer l,
+   ``phi(x) = max_{d in D_sink} |x_d / RMS(x)|``; a token is a sink when ``phi > tau``. Scored for every token of
+   every forward (prefill and each decode step) and stored per ORIGINAL position in the cache ledger
+   (``ledger.token_data["var_sink"]``, ``(B, N, L)`` bool), so decode steps know which cached keys are sinks, also
+   when token pruning makes layer l hold a subset of positions.
+2. **Queries**: real tokens that come after the sample's last image token (prefill: the text after the last image
+   span; decoding: every generated token). Earlier positions are never changed.
+3. **Image-centric rows** per (head, query), on post-softmax probabilities alpha: ``S = sum_{j image} alpha_j``,
+   ``A = sum_{j image, not sink} alpha_j``; selected when ``S >= min_image_attention`` and ``A >= rho * S`` (i.e.
+   ``r = A / S >= rho``, the paper's convention) and ``A > 0``.
+4. **Redistribution** on selected rows: every sink key j (text or visual) gets ``p * alpha_j``; the freed mass
+   ``Omega = (1 - p) * sum_{j sink} alpha_j`` goes to non-sink image keys in proportion to their attention,
+   ``alpha_j + Omega * alpha_j / A``. Every other entry and every unselected row is left exactly as it was, and row
+   sums are preserved.
+
+The backend materialises probabilities (``engine.compute.explicit_attention``, chunked over queries) only on VAR
+layers of forwards that have eligible queries and sink keys; everywhere else the fused path runs unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from ...errors import InputLayoutError
+from ..engine.layout import modality_codes
+from ..engine.runtime import PatchRuntime
+from .config import VARConfig
+
+SINK_KEY = "var_sink"  # ledger.token_data / state.scratch: (B, N, L) bool sink flags by original position
+TRACE_KEY = "var_trace"  # state.scratch: a dict that, when present, receives per-layer diagnostics
+
+
+def sink_scores(hidden: torch.Tensor, sink_dims: tuple[int, ...] | list[int]) -> torch.Tensor:
+    """``phi(x) = max_{d in sink_dims} |x_d / RMS(x)|`` for every row of ``hidden`` (``(..., D)`` -> ``(...)``),
+    computed in float32, with ``RMS(x) = sqrt(mean_d x_d^2)``."""
+    x = hidden.float()
+    rms = x.pow(2).mean(-1, keepdim=True).sqrt().clamp_min(torch.finfo(torch.float32).tiny)
+    idx = torch.as_tensor(list(sink_dims), device=x.device)
+    return (x.index_select(-1, idx) / rms).abs().amax(-1)
+
+
+def redistribute(
+    probs: torch.Tensor,
+    sink: torch.Tensor,
+    image: torch.Tensor,
+    query: torch.Tensor,
+    p: float,
+    rho: float,
+    min_image_attention: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The VAR rule on post-softmax probabilities (the reference and the only implementation).
+
+    Args:
+        probs: ``(..., T, S)`` attention probabilities (rows sum to 1).
+        sink: ``(..., 1 or T, S)`` bool, key j is a sink token.
+        image: ``(..., 1 or T, S)`` bool, key j is an image token.
+        query: ``(..., T)`` bool, query i may be changed (comes after the image).
+        p, rho, min_image_attention: see ``VARConfig``.
+
+    Returns ``(new_probs, selected)``: rows with ``selected`` (``(..., T)`` bool) set get sinks scaled by ``p`` and the
+    freed mass ``Omega = (1 - p) * sum_sink alpha`` added to non-sink image keys proportionally to their attention;
+    other rows are returned bit-for-bit unchanged.
+    """
+    zero = probs.new_zeros(())
+    nonsink_image = image & ~sink
+    mass_image = torch.where(image, probs, zero).sum(-1)
+    mass_nonsink_image = torch.where(nonsink_image, probs, zero).sum(-1)
+    mass_sink = torch.where(sink, probs, zero).sum(-1)
+    selected = (query & (mass_image >= min_image_attention) & (mass_nonsink_image >= rho * mass_image)
+                & (mass_nonsink_image > 0))
+    omega = (1.0 - p) * mass_sink
+    gain = 1.0 + omega / torch.where(selected, mass_nonsink_image, torch.ones_like(mass_nonsink_image))
+    factor = torch.where(sink, probs.new_tensor(p), torch.where(nonsink_image, gain[..., None], probs.new_ones(())))
+    return torch.where(selected[..., None], probs * factor, probs), selected
+
+
+def _table(state, width: int) -> torch.Tensor:
+    """This forward's ``(B, N, width)`` sink table (N = all original positions seen, this forward included): the
+    cached table of earlier forwards, extended with False rows for the new tokens. Created once per forward."""
+    table = state.scratch.get(SINK_KEY)
+    if table is not None:
+        return table
+    lay = state.layout
+    total = state.seen_before + lay.length
+    table = torch.zeros(lay.batch_size, total, width, dtype=torch.bool, device=lay.position.device)
+    ledger = state.cache.ledger if state.cache is not None else None
+    prev = ledger.token_data.get(SINK_KEY) if ledger is not None else None
+    if prev is not None and prev.shape[0] == lay.batch_size:
+        n, w = min(prev.shape[1], state.seen_before), min(prev.shape[2], width)
+        table[:, :n, :w] = prev[:, :n, :w].to(table.device)
+    state.scratch[SINK_KEY] = table
+    if ledger is not None:
+        ledger.token_data[SINK_KEY] = table
+    return table
+
+
+def _last_visual_position(state, codes) -> torch.Tensor:
+    """``(B,)`` original position of each sample's last visual token among all tokens seen (-1 when none)."""
+    tokens = state.cache.ledger.tokens if state.cache is not None else state.layout
+    is_vis = torch.zeros_like(tokens.modality, dtype=torch.bool)
+    for c in codes:
+        is_vis |= tokens.modality == c
+    return torch.where(is_vis, tokens.position, torch.full_like(tokens.position, -1)).amax(-1)
+
+
+class VARRuntime(PatchRuntime):
+    """Per-forward VAR: scores sink tokens entering each VAR layer and transforms that layer's probabilities."""
+
+    name = "var"
+    uses_layer_hooks = True
+
+    def __init__(self, config: VARConfig):
+        super().__init__(config)
+        if config.layers is None:
+            raise InputLayoutError(
+                "var.layers is unset in the model config; call hf_kan.patches.apply(model, var=...) so the default "
+                "layers (all but the first two and the last) are resolved for this model, or set var.layers"
+            )
+        self.layers = frozenset(config.layers)
+        self.width = max(config.layers) + 1 if config.layers else 0
+        self.codes = modality_codes(config.modalities)
+
+    def before_layer(self, state, layer_idx, hidden_states, kwargs):
+        if layer_idx not in self.layers:
+            return None
+        table = _table(state, self.width)
+        rows = state.row_positions(layer_idx)
+        if rows is None:
+            rows = state.layout.position
+        valid = state.query_layout(layer_idx).valid & (rows >= 0)
+        sinks = (sink_scores(hidden_states, self.config.sink_dims) > self.config.tau) & valid
+        b = torch.arange(rows.shape[0], device=rows.device)[:, None].expand_as(rows)
+        safe = rows.clamp(min=0)
+        table[b[valid], safe[valid], layer_idx] = sinks[valid]
+        trace = state.scratch.get(TRACE_KEY)
+        if trace is not None:
+            trace.setdefault("sinks", {})[layer_idx] = table[:, :, layer_idx].clone()
+        return None
+
+    def probs_transform(self, state, layer_idx) -> Callable[[torch.Tensor, slice], torch.Tensor] | None:
+        if layer_idx not in self.layers:
+            return None
+        table = state.scratch.get(SINK_KEY)
+        if table is None:
+            raise InputLayoutError(f"VAR found no sink scores for layer {layer_idx}; were the hf_kan layer hooks "
+                                   "removed? call hf_kan.patches.apply(model)")
+        q = state.query_layout(layer_idx)
+        last = _last_visual_position(state, self.codes)
+        query = q.valid & (last[:, None] >= 0) & (q.position > last[:, None])
+        if not bool(query.any()):
+            return None  # no query after an image in this forward: VAR is the identity, keep the fast path
+        cfg = self.config
+        trace = state.scratch.get(TRACE_KEY)
+        keys: dict = {}
+
+        def key_flags(s: int):
+            if "image" not in keys:
+                k, _ = state.key_layout(layer_idx, s)
+                image = torch.zeros_like(k.modality, dtype=torch.bool)
+                for c in self.codes:
+                    image |= k.modality == c
+                b = torch.arange(k.batch_size, device=k.position.device)[:, None].expand_as(k.position)
+                sink = table[b, k.position.clamp(min=0), layer_idx] & (k.position >= 0) & k.valid
+                keys["image"], keys["sink"] = image[:, None, None], sink[:, None, None]  # (B, 1, 1, S)
+            return keys["image"], keys["sink"]
+
+        def transform(probs: torch.Tensor, rows: slice) -> torch.Tensor:
+            image, sink = key_flags(probs.shape[-1])
+            out, selected = redistribute(probs, sink, image, query[:, None, rows], cfg.p, cfg.rho,
+                                         cfg.min_image_attention)
+            if trace is not None:
+                _record(trace, layer_idx, rows, probs, out, selected)
+            return out
+
+        # rows before the first eligible query are never changed: the backend computes them on the fused path
+        rows_idx = torch.arange(query.shape[1], device=query.device)
+        transform.first_row = int(torch.where(query, rows_idx, query.shape[1]).amin())
+        return transform
+
+
+def _record(trace: dict, layer_idx: int, rows: slice, before: torch.Tensor, after: torch.Tensor,
+            selected: torch.Tensor) -> None:
+    """Keep diagnostics for ``hf_kan.patches.record_var`` (``var/picture.py``): the selection of every (head,
+    query) and, for the requested layer, the probabilities before/after."""
+    per_layer = trace.setdefault("layers", {}).setdefault(layer_idx, {"selected": [], "before": [], "after": []})
+    per_layer["selected"].append((rows.start, selected.detach().clone()))
+    if trace.get("keep_probs_layer") == layer_idx:
+        per_layer["before"].append((rows.start, before.detach().clone()))
+        per_layer["after"].append((rows.start, after.detach().clone()))
+
+
+__all__ = ["SINK_KEY", "TRACE_KEY", "VARRuntime", "redistribute", "sink_scores"]
