@@ -1,17 +1,17 @@
 """The attention reference (visibility rule, VAR, taps) against the engine's rules, and the backend dispatch.
 
-The visibility rule must be exactly the engine's bool-mask rule (``patches.masks.base_mask`` widened by
+The visibility rule must be exactly the engine's bool-mask rule (``patches.engine.masks.base_mask`` widened by
 ``patches.mma.mma_rule``), the window Transformers' ``sliding_window_overlay``, VAR the engine's ``redistribute`` and
 the taps the scorers' ``attention_votes``: each is compared here on the same inputs.
 """
 
 import pytest
 import torch
-from hf_kan.patches.layout import IMAGE, PAD, TEXT, VIDEO, TokenLayout
-from hf_kan.patches.masks import base_mask
-from hf_kan.patches.mma import mma_rule
-from hf_kan.patches.scorers.base import attention_votes
-from hf_kan.patches.var import redistribute
+from hf_kan.patches.engine.layout import IMAGE, PAD, TEXT, VIDEO, TokenLayout
+from hf_kan.patches.engine.masks import base_mask
+from hf_kan.patches.mma.runtime import mma_rule
+from hf_kan.patches.prune.scorers.base import attention_votes
+from hf_kan.patches.var.runtime import redistribute
 from transformers.masking_utils import and_masks, causal_mask_function, sliding_window_overlay
 
 from hf_kan.errors import BackendUnavailableError, InputLayoutError
