@@ -8,8 +8,8 @@ Llama-shaped model (random weights; by default plain multi-head attention, 16 he
 - attention alone: layer 0's attention on (B, H, 1, D) queries and (B, H_kv, S, D) cached keys/values, as the base
   model runs it (Transformers' ``sdpa`` attention function) vs MoH's skipping path
   (``hf_kan.moh.skip.skipped_head_attention``, planning included) with the active heads the MoH model's router
-  chose for the step's token, and vs gathering the active heads' keys/values for one fused call (the alternative
-  the skipping path does not take);
+  chose for the step's token, vs gathering the active heads' keys/values for one fused call (the alternative the
+  skipping path does not take), and vs the dense call again (a noise check);
 - whole step: ``model(input_ids=token, cache=...)`` for the base model, MoH with the dense gated path
   (``skip_inactive_heads=False``) and MoH with skipping. The cache is filled with random keys/values (building a 16k
   cache by prefill would take minutes on CPU and does not change a decode step's cost) and cropped back after every
@@ -23,20 +23,23 @@ analytic share of the forward FLOPs a perfect sparse-head kernel could skip.
     python benchmarks/moh.py --threads 1 --kv-heads 4             # same with GQA (groups of 4)
     python benchmarks/moh.py forward --threads 1                  # prefill forward table
     python benchmarks/moh.py --threads 1 --json out.json          # also write every timing
+    python benchmarks/moh.py --threads 1 --profile                # + operator shares of the base model's step
 
-Runs are interleaved (A B C A B C ...) and each reported time is the median of ``--repeats`` runs after
-``--warmup`` runs; ratios are variant / base from the same rounds. Wall and process-CPU medians are both printed:
-with one thread the CPU time is the work done and is the robust number on a shared machine.
+Runs are interleaved with a rotating order (A B C, B C A, C A B, ...) and each reported time is the median of
+``--repeats`` runs after ``--warmup`` rounds; ratios are variant / base from the same rounds. Wall and process-CPU
+medians are both printed: with one thread the CPU time is the work done and is the robust number on a shared
+machine. "dense again" times the dense attention a second time in the same rounds: its ratio shows the noise.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from _common import medians, set_threads, time_interleaved, write_json
+from _common import medians, set_threads, timed, write_json
 from peft import get_peft_model
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -64,6 +67,22 @@ def moh_model(base: LlamaForCausalLM, args: argparse.Namespace, router: str, ski
     config = MoHConfig(router=router, active_fraction=args.active_fraction, skip_inactive_heads=skip)
     torch.manual_seed(1)  # same router init for every variant
     return get_peft_model(copy.deepcopy(base), config).eval()
+
+
+def time_rotated(fns: dict[str, Callable[[], object]], repeats: int,
+                 warmup: int) -> dict[str, list[tuple[float, float]]]:
+    """Per name, ``repeats`` (wall, CPU) timings after ``warmup`` untimed rounds. Every round calls each function
+    once, starting one further along each round (A B C, B C A, C A B, ...), so that no variant always runs right
+    after the same one (a variant that evicts the caches would otherwise always slow down the next)."""
+    names = list(fns)
+    times: dict[str, list[tuple[float, float]]] = {name: [] for name in names}
+    for round_ in range(warmup + repeats):
+        for i in range(len(names)):
+            name = names[(round_ + i) % len(names)]
+            t = timed(fns[name])
+            if round_ >= warmup:
+                times[name].append(t)
+    return times
 
 
 def ratio_table(title: str, median: dict[str, list[float]], base: str) -> None:
@@ -108,6 +127,20 @@ def layer0_gates(model: torch.nn.Module) -> list[torch.Tensor]:
     return seen
 
 
+def profile_step(run: Callable[[], object], steps: int = 5) -> None:
+    """Print the operators taking the largest shares of ``steps`` calls of ``run`` (torch.profiler, self CPU)."""
+    from torch.profiler import profile
+
+    with torch.inference_mode(), profile() as prof:
+        for _ in range(steps):
+            run()
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    top = sorted(events, key=lambda e: -e.self_cpu_time_total)[:4]
+    print("  base step, largest operator shares: " + ", ".join(f"{e.key} {e.self_cpu_time_total / total:.0%}"
+                                                            for e in top))
+
+
 def decode_at(length: int, variants: dict[str, torch.nn.Module], gates_seen: list[torch.Tensor],
               args: argparse.Namespace) -> dict:
     """Time one decode step (whole model, every variant) and layer 0's attention (dense vs skipping) at
@@ -125,8 +158,8 @@ def decode_at(length: int, variants: dict[str, torch.nn.Module], gates_seen: lis
         caches[name].crop(-1)
 
     with torch.inference_mode():
-        steps = time_interleaved({name: (lambda n=name: step(n)) for name in variants}, args.repeats,
-                                 warmup=args.warmup)
+        steps = time_rotated({name: (lambda n=name: step(n)) for name in variants}, args.repeats,
+                             warmup=args.warmup)
         active = (gates_seen[-1] != 0).view(args.batch, 1, heads)  # the router's choice for this step's token
         q = torch.randn(args.batch, heads, 1, head_dim, generator=torch.Generator().manual_seed(1))
         k, v = caches["base"].layers[0].keys, caches["base"].layers[0].values
@@ -135,13 +168,16 @@ def decode_at(length: int, variants: dict[str, torch.nn.Module], gates_seen: lis
             out = skipped_head_attention(q, k, v, None, active, attn.scaling)
             return out if out is not None else sdpa_attention_forward(attn, q, k, v, None, scaling=attn.scaling)[0]
 
-        attention = time_interleaved({
+        attention = time_rotated({
             "dense (transformers sdpa)": lambda: sdpa_attention_forward(attn, q, k, v, None, scaling=attn.scaling),
             "moh_skip (dense if declined)": lambda: moh_path(),
             "gather + one call": lambda: gathered_one_call(q, k, v, active, attn.scaling),
+            "dense again (noise check)": lambda: sdpa_attention_forward(attn, q, k, v, None, scaling=attn.scaling),
         }, args.repeats, warmup=args.warmup)
         skipped = skipped_head_attention(q, k, v, None, active, attn.scaling)
         dense = sdpa_attention_forward(attn, q, k, v, None, scaling=attn.scaling)[0]
+    if args.profile:
+        profile_step(lambda: step("base"))
     kept = active.view(args.batch, 1, heads, 1)
     exact = bool(torch.equal(skipped * kept, dense * kept)) if skipped is not None else None
     kv_read = active.view(args.batch, kv_heads, heads // kv_heads).any(-1).float().mean().item()
@@ -194,8 +230,8 @@ def run_forward(args: argparse.Namespace) -> dict:
         variants[f"moh_{router}"] = moh_model(base, args, router, skip=True)
     ids = torch.randint(0, args.vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
-        timings = time_interleaved({name: (lambda m=model: m(input_ids=ids)) for name, model in variants.items()},
-                                   args.repeats, warmup=args.warmup)
+        timings = time_rotated({name: (lambda m=model: m(input_ids=ids)) for name, model in variants.items()},
+                               args.repeats, warmup=args.warmup)
     median = {name: medians(t) for name, t in timings.items()}
     bound = skippable_flop_fraction(base, args.seq, args.active_fraction)
     print(
@@ -223,6 +259,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--profile", action="store_true", help="decode: also profile the base model's step")
     parser.add_argument("--json", default=None, help="write the results to this file")
     args = parser.parse_args()
     decode = args.mode == "decode"

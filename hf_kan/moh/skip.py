@@ -1,9 +1,10 @@
 """Skipping the attention work of inactive heads: MoH inference that computes only what the router keeps.
 
 MoH zeroes inactive heads before ``o_proj``, so their attention output is never used. This module computes attention
-only where some query of a head is active, and returns zeros elsewhere; the gated output projection then sees
-exactly the input of the dense gated computation (the active heads' attention is computed by the same SDPA kernel on
-views of the same tensors; inactive heads are multiplied by a zero gate either way).
+only where some query of a head is active, and returns zeros elsewhere; inactive heads are multiplied by a zero gate
+either way, so the gated output projection sees the input of the dense gated computation: bitwise for decoding
+without GQA (the same SDPA kernel on views of the same tensors), up to float rounding otherwise (other call splits,
+GQA queries packed per key/value head).
 
 How the attention call learns the gates. The MoH query hook computes the gates from ``q_proj`` before attention
 runs (``MoHLayer.pending_gates``). Transformers' attention blocks look their attention function up by
@@ -14,10 +15,10 @@ Everything else reads through to the shared config, so ``set_attn_implementation
 ``hf_kan.patches`` hooks and saving see the unchanged config; ``MoHModel.unload`` restores the plain config.
 ``moh_attention`` then either runs the skipping path or calls the real implementation unchanged (the dense gated
 path), which it does for: training / gates that need gradients (the straight-through estimator needs every head's
-output), non-CPU tensors (unmeasured there: per-run SDPA calls would cost a GPU more than they save), dropout,
-sliding windows, any keyword the fast path does not understand (e.g. ``hf_kan.patches``' per-forward state, whose
-masks and probability transforms only the ``hf_kan`` backend can apply), masks it cannot slice, and calls where too
-little would be skipped.
+output), non-CPU tensors (not measured there: no GPU was available; a GPU wants one fused kernel, not per-run calls),
+dropout, sliding windows, any keyword the fast path does not understand (e.g. ``hf_kan.patches``' per-forward state,
+whose masks and probability transforms only the ``hf_kan`` backend can apply), masks it cannot slice, and calls
+where too little would be skipped.
 
 What is skipped. Let g = H / H_kv (GQA group size). A key/value head is needed by a query block if any of its g query
 heads has an active query in that block.
@@ -151,7 +152,7 @@ def _active_heads(
     if kwargs.get("is_causal") not in (None, True) or kwargs.get("output_attentions"):
         return None
     batch, heads, q_len, _ = query.shape
-    if heads % key.shape[1] or gates.shape != (batch * q_len, heads):
+    if gates.shape != (batch * q_len, heads):
         return None
     return (gates != 0).view(batch, q_len, heads)
 
@@ -263,6 +264,8 @@ def skipped_head_attention(
     """
     batch, heads, q_len, dim = query.shape
     kv_heads, kv_len = key.shape[1], key.shape[2]
+    if value.shape[-1] != dim or heads % kv_heads:
+        return None
     if attention_mask is not None:
         if attention_mask.dim() != 4 or attention_mask.shape[1:] != (1, q_len, kv_len):
             return None
