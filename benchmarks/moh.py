@@ -176,8 +176,6 @@ def decode_at(length: int, variants: dict[str, torch.nn.Module], gates_seen: lis
         }, args.repeats, warmup=args.warmup)
         skipped = skipped_head_attention(q, k, v, None, active, attn.scaling)
         dense = sdpa_attention_forward(attn, q, k, v, None, scaling=attn.scaling)[0]
-    if args.profile:
-        profile_step(lambda: step("base"))
     kept = active.view(args.batch, 1, heads, 1)
     exact = bool(torch.equal(skipped * kept, dense * kept)) if skipped is not None else None
     kv_read = active.view(args.batch, kv_heads, heads // kv_heads).any(-1).float().mean().item()
@@ -188,6 +186,8 @@ def decode_at(length: int, variants: dict[str, torch.nn.Module], gates_seen: lis
           f"active heads: {exact}")
     ratio_table("attention alone (layer 0)", attn_median, "dense (transformers sdpa)")
     ratio_table("whole decode step", step_median, "base")
+    if args.profile:
+        profile_step(lambda: step("base"))
     return {"attention_median_s": attn_median, "step_median_s": step_median, "kv_heads_read": kv_read,
             "attention_times_s": attention, "step_times_s": steps, "exact": exact}
 

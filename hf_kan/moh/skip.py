@@ -60,7 +60,8 @@ MOH_ATTENTION = "hf_kan_moh"
 SKIPPABLE_IMPLEMENTATIONS = ("sdpa", "hf_kan")
 BLOCK = 64  # query rows per prefill block
 # Decode skips only when the key/value elements it does not read (skipped (sample, key/value head) pairs x S x D)
-# outweigh the ~0.2 ms the extra calls cost on CPU (measured break-even: 4 of 16 heads of 128 at ~1k cached keys).
+# outweigh the fixed cost of planning and extra calls: at 1k cached keys with 4 of 16 heads of 128 skipped (= 2^19)
+# benchmarks/moh.py measured 0.89x of dense against an ideal 0.75x, i.e. ~0.25 ms of that cost per attention call.
 MIN_DECODE_SKIPPED = 1 << 19
 MIN_PREFILL_SAVING = 0.125  # skip prefill blocks only when that is expected to save at least this share of the time
 # Keywords Transformers' text attention blocks pass that the skipping path handles (checked values below).
@@ -358,7 +359,7 @@ def _attend(
     is_causal = False
     if mask is not None:
         mask = mask[call.batch if mask.shape[0] > 1 else slice(None), :, t0:t1]
-    elif query.shape[2] > 1:  # causal, keys = queries: rows [t0, t1) see keys [0, t1)
+    else:  # causal, keys = queries: rows [t0, t1) see keys [0, t1)
         k, v = k[:, :, :t1], v[:, :, :t1]
         if t0 == 0:
             is_causal = True
