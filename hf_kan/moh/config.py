@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -9,9 +10,15 @@ from peft import LoraConfig
 from peft.config import PeftConfig
 
 from ..errors import HFKanConfigError
-from .registration import moh_peft_type
+from .peft_type import moh_peft_type
 
 ROUTERS = ("query_norm", "learned")
+
+# Default init of the learned router's routed-head scores W_r: std = ROUTER_INIT_SCALE / sqrt(hidden_size), i.e.
+# routing logits of std ~0.01 for unit-RMS inputs (see MoHConfig.router_init_std).
+ROUTER_INIT_SCALE = 1e-2
+# Absorbs float error in active_fraction * H before flooring (0.7 * 10 - 5 = 1.9999999999999996).
+_SPLIT_EPS = 1e-9
 
 
 # PeftConfig bookkeeping that belongs to the outer (MoH) adapter, not to the LoRA settings stored inside it.
@@ -65,18 +72,33 @@ class MoHConfig(PeftConfig):
             ``"learned"``: the two-stage router g_shared = alpha1 * softmax(W_s x), g_routed = alpha2 * softmax(W_r x)
             on the top-k, [alpha1, alpha2] = softmax(W_h x), rescaled so every gate starts near 1, with the
             load-balance loss L_b = E * sum_i f_i P_i.
-        num_shared_heads: heads that every token uses (the first ones). Default: half of the heads.
-        active_fraction: fraction of all heads active per token; sets top_k = round(active_fraction * H) -
-            num_shared_heads. Default 0.75 as in MoH-LLaMA3-8B.
+        num_shared_heads: heads that every token uses (the first ones). Default int(H / 2), as in the authors' code.
+        active_fraction: fraction of all heads active per token (default 0.75 as in MoH-LLaMA3-8B). The default split
+            follows the authors: int(H / 2) shared heads and top_k = int((active_fraction - 1/2) * H) routed heads,
+            i.e. int(0.5 H) + int(0.25 H) at 0.75 (H = 10: 5 + 2, H = 7: 3 + 1). With ``num_shared_heads=s`` given,
+            top_k = int(active_fraction * H) - s. ``active_fraction=1.0`` activates every head.
         top_k: routed heads per token; overrides ``active_fraction`` when given.
         target_modules: the attention output projections to wrap (their input is the concatenation of head outputs,
             [..., H * D]). Default: ``o_proj`` for the known model types.
         query_module: name of the sibling module (in the same attention block) whose output is the per-head
             queries [..., H * D] and whose input is the token representation x. Default ``q_proj``.
-        load_balance_weight: weight of the load-balance loss returned by ``moh_aux_loss`` (learned router).
-        router_init_std: std of the normal init of the learned router weights; 0 gives exactly uniform router
-            probabilities, so all shared and selected routed gates start at exactly 1 (plain multi-head attention
-            on the selected heads).
+        load_balance_weight: weight of the load-balance loss: ``moh_aux_loss`` returns load_balance_weight times
+            the MEAN of L_b over the MoH layers (the authors average over layers), so 0.01 is the effective weight
+            whatever the depth (learned router only).
+        router_init_std: std of the normal init of the learned router's routed-head scores W_r. Default (None):
+            1e-2 / sqrt(hidden_size), routing logits of std ~0.01 for unit-RMS inputs. Top-k selection does not depend
+            on the scale of W_r, so every token already picks its own routed heads at step 0 (the authors also start
+            from random weights: xavier in DiT, std 0.02 in ViT), while the routed gates k * p_i / sum_top-k p start
+            within ~1 % of 1. W_s and W_h start at zero, so the shared gates and alpha1, alpha2 start at exactly 1:
+            the adapted model starts as the pretrained one restricted to the selected heads, as far as the design
+            allows. 0 gives the exactly uniform router (every gate exactly 1, but every token then selects the same
+            routed heads, by tie-breaking, until training separates them); 0.02 follows the authors' ViT recipe.
+        skip_inactive_heads: at inference on CPU, compute attention only for the (token, head) pairs the router keeps
+            (decode: per sample, the key/value heads whose query heads are all inactive are not read; prefill: query
+            blocks in which a head is inactive for every query are skipped when that saves enough work). The result
+            equals the dense gated computation. Only for the ``sdpa`` and ``hf_kan`` attention implementations; other
+            implementations, training (gates that need gradients), other devices and any attention call the fast
+            path cannot reproduce use the dense gated path. See ``hf_kan.moh.skip``.
         lora_config: optional ``LoraConfig`` (or its keyword dict) to inject LoRA first and wrap MoH around it, in
             the same adapter: ``save_pretrained`` then writes LoRA and router weights together and
             ``PeftModel.from_pretrained`` rebuilds both. Stored as a JSON-ready dict.
@@ -84,14 +106,19 @@ class MoHConfig(PeftConfig):
     """
 
     router: Literal["query_norm", "learned"] = field(default="query_norm", metadata={"help": "Router kind."})
-    num_shared_heads: int | None = field(default=None, metadata={"help": "Always-on heads; default H // 2."})
+    num_shared_heads: int | None = field(default=None, metadata={"help": "Always-on heads; default int(H / 2)."})
     active_fraction: float = field(default=0.75, metadata={"help": "Fraction of heads active per token."})
     top_k: int | None = field(default=None, metadata={"help": "Routed heads per token; overrides active_fraction."})
     target_modules: list[str] | str | None = field(default=None, metadata={"help": "Output projections to wrap."})
     exclude_modules: list[str] | str | None = field(default=None, metadata={"help": "Modules to leave alone."})
     query_module: str = field(default="q_proj", metadata={"help": "Sibling module producing the queries."})
     load_balance_weight: float = field(default=0.01, metadata={"help": "Weight of the load-balance loss."})
-    router_init_std: float = field(default=0.0, metadata={"help": "Std of the learned router's normal init."})
+    router_init_std: float | None = field(
+        default=None, metadata={"help": "Std of the learned router's W_r init; default 1e-2 / sqrt(hidden)."}
+    )
+    skip_inactive_heads: bool = field(
+        default=True, metadata={"help": "Skip the attention work of inactive heads at inference (CPU)."}
+    )
     layers_to_transform: list[int] | int | None = field(default=None, metadata={"help": "Layer indices to adapt."})
     layers_pattern: list[str] | str | None = field(default=None, metadata={"help": "Name of the layer list."})
     modules_to_save: list[str] | None = field(default=None, metadata={"help": "Extra modules trained and saved."})
@@ -114,7 +141,7 @@ class MoHConfig(PeftConfig):
             raise HFKanConfigError(f"MoHConfig.top_k must be >= 0, got {self.top_k}.")
         if self.load_balance_weight < 0:
             raise HFKanConfigError(f"MoHConfig.load_balance_weight must be >= 0, got {self.load_balance_weight}.")
-        if self.router_init_std < 0:
+        if self.router_init_std is not None and self.router_init_std < 0:
             raise HFKanConfigError(f"MoHConfig.router_init_std must be >= 0, got {self.router_init_std}.")
         if self.layers_pattern and self.layers_to_transform is None:
             raise HFKanConfigError("MoHConfig.layers_pattern needs layers_to_transform; set both or neither.")
@@ -128,20 +155,37 @@ class MoHConfig(PeftConfig):
         return LoraConfig(**self.lora_config, inference_mode=self.inference_mode)
 
     def head_split(self, num_heads: int) -> tuple[int, int]:
-        """Return (num_shared, top_k) for an attention block with ``num_heads`` heads, validated."""
-        shared = num_heads // 2 if self.num_shared_heads is None else self.num_shared_heads
+        """Return (num_shared, top_k) for an attention block with ``num_heads`` heads, validated (rule: see Args)."""
+        if self.num_shared_heads is None:
+            shared = num_heads // 2
+            routed_active = (self.active_fraction - 0.5) * num_heads
+        else:
+            shared = self.num_shared_heads
+            routed_active = self.active_fraction * num_heads - shared
         if shared > num_heads:
             raise HFKanConfigError(
                 f"MoHConfig.num_shared_heads={shared} exceeds the {num_heads} heads of the attention block."
             )
         routed = num_heads - shared
-        top_k = self.top_k if self.top_k is not None else round(self.active_fraction * num_heads) - shared
+        if self.top_k is not None:
+            top_k = self.top_k
+        elif self.active_fraction >= 1.0:
+            top_k = routed  # every head, also for odd H where (1 - 1/2) * H rounds down
+        else:
+            top_k = math.floor(routed_active + _SPLIT_EPS)
         if not 0 <= top_k <= routed:
             raise HFKanConfigError(
                 f"MoH selects top_k={top_k} of {routed} routed heads ({num_heads} heads, {shared} shared); "
-                "choose top_k / active_fraction / num_shared_heads so that 0 <= top_k <= routed heads."
+                "choose top_k / active_fraction / num_shared_heads so that 0 <= top_k <= routed heads "
+                "(with the default int(H / 2) shared heads, active_fraction must be at least 0.5)."
             )
         return shared, top_k
+
+    def router_init_std_for(self, hidden_size: int) -> float:
+        """Std of the learned router's W_r init for a model with ``hidden_size`` (default 1e-2 / sqrt(hidden))."""
+        if self.router_init_std is not None:
+            return self.router_init_std
+        return ROUTER_INIT_SCALE / math.sqrt(hidden_size)
 
 
 __all__ = ["MoHConfig"]

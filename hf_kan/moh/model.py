@@ -12,7 +12,8 @@ from torch import nn
 from ..errors import UnsupportedModelError
 from .config import MoHConfig
 from .layer import MoHLayer, MoHLinear, raise_not_mergeable
-from .registration import MOH_PREFIX
+from .peft_type import MOH_PREFIX
+from .skip import install_head_skipping, remove_head_skipping
 
 # Output projection of the decoder self-attention, keyed by the top-level ``config.model_type``. Vision towers use
 # other names (CLIP: out_proj, Qwen2-VL ViT: proj), so "o_proj" selects the language model only.
@@ -108,6 +109,7 @@ class MoHModel(BaseTuner):
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
         new_module.attach_query_hook(query_module)
+        install_head_skipping(parent, new_module)
 
     def _pre_injection_hook(self, model: nn.Module, config: MoHConfig, adapter_name: str) -> None:
         # LoRA + MoH in one adapter: LoRA layers are injected first (same adapter name) and MoH then wraps the output
@@ -134,6 +136,7 @@ class MoHModel(BaseTuner):
         if getattr(self, "_moh_reset_hook", None) is not None:
             self._moh_reset_hook.remove()
             self._moh_reset_hook = None
+        remove_head_skipping(self.model)
         model = super()._unload_and_optionally_merge(merge, *args, **kwargs)
         # A LoRA layer that MoH wrapped is exposed only after MoH is gone: unload it in a second pass.
         injected_lora = any(getattr(c, "lora_config", None) for c in self.peft_config.values())
@@ -145,23 +148,30 @@ class MoHModel(BaseTuner):
         return [m for m in self.model.modules() if isinstance(m, MoHLayer)]
 
     def moh_aux_loss(self) -> torch.Tensor:
-        """Weighted load-balance loss of the last training forward: sum over adapters a and MoH layers l of
-        load_balance_weight_a * L_b(a, l). Zero (a tensor) when the router has no loss or nothing was recorded."""
+        """Weighted load-balance loss of the last training forward (see :func:`moh_aux_loss`)."""
         return moh_aux_loss(self.model)
 
 
 def moh_aux_loss(model: nn.Module) -> torch.Tensor:
-    """Sum of ``load_balance_weight * L_b`` over every MoH layer of ``model`` (a PeftModel, tuner or plain module),
-    from the layers' last training forward, with L_b = E * sum_i f_i P_i. Add it to the task loss."""
+    """The load-balance loss to add to the task loss, from the MoH layers' last training forward:
+
+        sum over adapters a of load_balance_weight_a * mean over the MoH layers l of L_b(a, l),
+
+    with L_b = E * sum_i f_i P_i per layer. Averaging over layers follows the authors (ViT, DiT and LLaMA code all
+    take the mean), so the default weight 0.01 is the effective weight at any depth. ``model``: a PeftModel, the tuner
+    or any module containing MoH layers. Zero (a tensor) when the router has no loss or nothing was recorded."""
     peft_config = getattr(model, "peft_config", None) or {}
-    total = None
+    per_adapter: dict[str, list[torch.Tensor]] = {}
     for module in model.modules():
-        if not isinstance(module, MoHLayer):
-            continue
-        for name, aux in module._moh_aux.items():
-            config = peft_config.get(name)
-            weight = config.load_balance_weight if config is not None else MoHConfig.load_balance_weight
-            total = weight * aux if total is None else total + weight * aux
+        if isinstance(module, MoHLayer):
+            for name, aux in module._moh_aux.items():
+                per_adapter.setdefault(name, []).append(aux)
+    total = None
+    for name, losses in per_adapter.items():
+        config = peft_config.get(name)
+        weight = config.load_balance_weight if config is not None else MoHConfig.load_balance_weight
+        term = weight * torch.stack(losses).mean()
+        total = term if total is None else total + term
     if total is None:
         param = next(model.parameters(), None)
         return torch.zeros((), device=param.device if param is not None else None)

@@ -12,6 +12,11 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def routing_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype router scores are computed in: float32, or the model's dtype when it is wider (float64)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def topk_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Return a 0/1 tensor shaped like ``scores`` [N, E] with ones at the ``k`` largest scores of each row."""
     mask = torch.zeros_like(scores)
@@ -27,8 +32,9 @@ def load_balance_loss(probs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     of ``probs[:, i]`` (mean router probability). ``probs``, ``mask``: [N, E].
     """
     num_routed = probs.shape[-1]
-    f = mask.detach().float().mean(dim=0)
-    p = probs.float().mean(dim=0)
+    dtype = routing_dtype(probs.dtype)
+    f = mask.detach().to(dtype).mean(dim=0)
+    p = probs.to(dtype).mean(dim=0)
     return num_routed * (f * p).sum()
 
 
@@ -37,8 +43,10 @@ class LearnedHeadRouter(nn.Module):
     alpha2 * softmax(W_r x) renormalised over the top-k, with [alpha1, alpha2] = softmax(W_h x).
 
     Following the authors' code, the routed gates are renormalised over the selected heads and multiplied by k,
-    the shared gates multiplied by h_s and the alphas by 2, so every gate starts near 1 (exactly 1 with zero
-    router weights) and the model starts at plain multi-head-attention scale.
+    the shared gates multiplied by h_s and the alphas by 2, so every gate starts near 1 and the model starts at plain
+    multi-head-attention scale. Init: W_r ~ N(0, init_std^2) (random, so tokens route differently from step 0; top-k
+    does not depend on the scale), W_s = W_h = 0 (shared gates and alphas start at exactly 1); ``init_std=0`` makes
+    every gate exactly 1. Logits are computed in float32, or in the model's dtype when it is wider.
     """
 
     def __init__(self, hidden_size: int, num_heads: int, num_shared: int, top_k: int, init_std: float = 0.0) -> None:
@@ -52,14 +60,15 @@ class LearnedHeadRouter(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
+        nn.init.zeros_(self.proj.weight)
         if self.init_std > 0:
-            nn.init.normal_(self.proj.weight, std=self.init_std)
-        else:
-            nn.init.zeros_(self.proj.weight)
+            with torch.no_grad():
+                nn.init.normal_(self.proj.weight[: self.num_routed], std=self.init_std)
 
     def forward(self, x: torch.Tensor, query: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """x: [N, hidden] token representations. Returns gates [N, H] and L_b (None in eval or without routed heads)."""
-        logits = self.proj(x.to(self.proj.weight.dtype)).float()
+        dtype = routing_dtype(self.proj.weight.dtype)
+        logits = F.linear(x.to(dtype), self.proj.weight.to(dtype))
         routed_logits, shared_logits, mix_logits = logits.split([self.num_routed, self.num_shared, self.num_mix], -1)
         parts, aux = [], None
         alpha = 2.0 * F.softmax(mix_logits, dim=-1) if self.num_mix else None
@@ -91,11 +100,12 @@ class QueryNormHeadRouter(nn.Module):
     def forward(self, x: torch.Tensor | None, query: torch.Tensor) -> tuple[torch.Tensor, None]:
         """query: [N, H * D] per-token queries (head-major). Returns gates [N, H] and None (no auxiliary loss)."""
         n = query.shape[0]
-        ones = query.new_ones(n, self.num_shared, dtype=torch.float32)
+        dtype = routing_dtype(query.dtype)
+        ones = query.new_ones(n, self.num_shared, dtype=dtype)
         num_routed = self.num_heads - self.num_shared
         if num_routed == 0:
             return ones, None
-        heads = query.view(n, self.num_heads, -1)[:, self.num_shared :].float()
+        heads = query.view(n, self.num_heads, -1)[:, self.num_shared :].to(dtype)
         norms = heads.norm(dim=-1)  # [N, E]
         if num_routed > 1:
             norms = norms / norms.std(dim=-1, keepdim=True).clamp_min(torch.finfo(norms.dtype).eps)
@@ -106,4 +116,4 @@ class QueryNormHeadRouter(nn.Module):
         return torch.cat([ones, mask], dim=-1), None
 
 
-__all__ = ["LearnedHeadRouter", "QueryNormHeadRouter", "load_balance_loss", "topk_mask"]
+__all__ = ["LearnedHeadRouter", "QueryNormHeadRouter", "load_balance_loss", "routing_dtype", "topk_mask"]

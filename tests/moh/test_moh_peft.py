@@ -188,14 +188,17 @@ def test_load_balance_loss_matches_hand_computation():
     )
 
 
-def test_aux_loss_is_weighted_sum_over_layers_and_reaches_router(ids):
-    model = get_peft_model(tiny_llama(), MoHConfig(router="learned", load_balance_weight=0.5, router_init_std=0.3))
+def test_aux_loss_is_weighted_mean_over_layers_and_reaches_router(ids):
+    # the authors average L_b over layers: weight * mean_l L_b(l), so the effective weight does not grow with depth
+    model = get_peft_model(tiny_llama(layers=3), MoHConfig(router="learned", load_balance_weight=0.5,
+                                                           router_init_std=0.3))
     model.train()
     model(ids)
     layers = moh_layers(model)
     per_layer = [layer._moh_aux["default"] for layer in layers]
+    assert len(per_layer) == 3 and len({round(v.item(), 6) for v in per_layer}) > 1
     total = moh_aux_loss(model)
-    torch.testing.assert_close(total, 0.5 * sum(per_layer))
+    torch.testing.assert_close(total, 0.5 * sum(per_layer) / 3)
     assert torch.equal(total, model.base_model.moh_aux_loss())
     total.backward()
     for layer in layers:

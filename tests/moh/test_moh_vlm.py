@@ -159,3 +159,55 @@ def test_default_targets_for_other_model_types(model_type):
     assert not torch.allclose(model(input_ids=ids).logits, expected, atol=1e-4)
     with model.disable_adapter():
         assert torch.equal(model(input_ids=ids).logits, expected)
+
+
+def test_head_skipping_composes_with_hf_kan_backend_and_falls_back_under_patches(monkeypatch):
+    from hf_kan import patches
+    from hf_kan.moh import skip
+
+    monkeypatch.setattr(skip, "MIN_DECODE_SKIPPED", 0)  # tiny prompts
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the decode rule depends on the thread count (see test_moh_skip.py)
+    try:
+        _check_hf_kan_backend_and_patches(monkeypatch, skip, patches)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _check_hf_kan_backend_and_patches(monkeypatch, skip, patches):
+    taken: list[bool] = []
+    original = skip.skipped_head_attention
+
+    def spy(*args, **kwargs):
+        out = original(*args, **kwargs)
+        taken.append(out is not None)
+        return out
+
+    monkeypatch.setattr(skip, "skipped_head_attention", spy)
+    torch.manual_seed(0)
+    base = tiny_llava().eval()
+    base.set_attn_implementation({"text_config": "hf_kan", "vision_config": "sdpa"})
+    inputs = llava_inputs()
+    kw = dict(max_new_tokens=4, do_sample=False, pad_token_id=0, suppress_tokens=[IMAGE], output_logits=True,
+              return_dict_in_generate=True)
+    # 4 heads in 2 GQA groups, active_fraction 0.5: the routed group is off for every token, so the prefill and every
+    # decode step skip it
+    models = {s: get_peft_model(copy.deepcopy(base), MoHConfig(active_fraction=0.5, skip_inactive_heads=s)).eval()
+              for s in (True, False)}
+    with torch.no_grad():
+        out = {s: m.generate(**inputs, **kw) for s, m in models.items()}
+    assert taken == [True] * 4 * TEXT["num_hidden_layers"], "prefill + 3 decode steps, every layer"
+    assert torch.equal(out[True].sequences, out[False].sequences)
+    for a, b in zip(out[True].logits, out[False].logits):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+    # with an hf_kan patch on, the backend builds its own masks from token metadata: MoH takes the dense gated path
+    for model in models.values():
+        patches.apply(model.base_model.model, mma={"assistant_token_ids": [9]})
+    taken.clear()
+    with torch.no_grad():
+        out = {s: m.generate(**inputs, **kw) for s, m in models.items()}
+    assert taken == []
+    assert torch.equal(out[True].sequences, out[False].sequences)
+    for a, b in zip(out[True].logits, out[False].logits):
+        assert torch.equal(a, b)
