@@ -103,9 +103,10 @@ def when_imported(triggers: str | Iterable[str], callback: Callable[[], None], w
     """Run ``callback()`` once, as soon as any module named in ``triggers`` has been imported.
 
     ``wait_for``: further module names, or packages written ``"name."`` (the package and all its submodules),
-    whose imports the callback must not interrupt. The callback runs when a trigger is in ``sys.modules`` and no import of a trigger or ``wait_for``
-    module is in progress in this thread: now, or when the outermost such import finishes. A callback that raises
-    is logged as a warning; it must not break the user's import of the library being registered with.
+    whose imports the callback must not interrupt. The callback runs when a trigger is in ``sys.modules`` and no
+    import of a trigger or ``wait_for`` module is in progress in this thread: now, or when the outermost such import
+    finishes. A callback that raises is logged as a warning; it must not break the user's import of the library
+    being registered with.
     """
     names = frozenset([triggers] if isinstance(triggers, str) else triggers)
     with _lock:

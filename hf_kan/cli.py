@@ -70,6 +70,10 @@ class HelpFormatter(argparse.HelpFormatter):
         return plain_text(super()._expand_help(action))
 
 
+class DefaultsHelpFormatter(HelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """:class:`HelpFormatter` that also ends each option's help with its default."""
+
+
 class _Parser(argparse.ArgumentParser):
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("formatter_class", HelpFormatter)
@@ -84,7 +88,12 @@ def command_in(argv: Sequence[str]) -> str | None:
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The ``hf-kan`` parser. Only ``command``'s module is imported and its options added; every other command
     is listed with its one-line help."""
-    parser = _Parser(prog="hf-kan", description=plain_text(__doc__.splitlines()[0]))
+    parser = _Parser(
+        prog="hf-kan",
+        description="Kolmogorov-Arnold vision backbones, multimodal attention patches and Mixture-of-Head "
+        "attention for Hugging Face Transformers.",
+        epilog="Run 'hf-kan COMMAND --help' for the options of a command.",
+    )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for name, (module_name, help_text) in COMMANDS.items():
