@@ -11,8 +11,8 @@ from hf_kan.errors import ImageSizeError
 from hf_kan.models.karat import KArAtForImageClassification
 from hf_kan.train import ImageClassificationArguments, train_image_classification
 
-# Measured with this setup before the validation split existed (1,437 training digits; seeds 0 / 1 / 2): accuracy
-# 0.897 / 0.897 / 0.928 after 3 epochs. Chance is 0.10; the threshold leaves room for platform-dependent numerics.
+# Measured with this exact setup (seeds 0 / 1 / 2): test accuracy of the model selected on validation 0.875 / 0.892 /
+# 0.917 after 3 epochs (60 AdamW steps). Chance is 0.10; the threshold leaves room for platform-dependent numerics.
 ACCURACY_THRESHOLD = 0.75
 
 

@@ -53,7 +53,7 @@ def test_two_process_accelerate_launch(tmp_path):
     # 1257 rows / 2 processes / batch 32 -> 20 steps per epoch (each process sees half of the data)
     assert metrics["steps"] == 4 * 20
     assert all(h["validation_samples"] == 179 for h in metrics["history"]) and metrics["test_samples"] == 179
-    # Measured 0.84 test accuracy after 4 epochs with this recipe (chance is 0.10)
+    # Measured 0.838 test accuracy (validation 0.860) after 4 epochs with this recipe (chance is 0.10)
     assert metrics["test_accuracy"] >= 0.7, metrics["history"]
     assert result.stdout.count("test_accuracy") == 1  # the summary is printed by the main process only
 

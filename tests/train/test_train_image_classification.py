@@ -23,9 +23,9 @@ from hf_kan.train.image_classification import build_model, make_optimizer, resol
 
 # A model small enough to train in a few CPU seconds: 16 tokens (8 px digits, patch 2), width 64, one block.
 TINY = {"hidden_size": 64, "num_hidden_layers": 1, "num_attention_heads": 4, "intermediate_size": 128}
-# Measured: after 6 epochs (120 steps on the 1,257 training digits) KAT and ViT select models with 0.91-0.93
-# test accuracy (chance is 0.10); the threshold leaves margin for run-to-run numerical differences.
-TINY_ACCURACY = 0.85
+# Measured: after 6 epochs (120 steps on the 1,257 training digits) the models selected on validation reach 0.889
+# (KAT) and 0.872 (ViT) test accuracy (chance is 0.10); the threshold leaves margin for platform numerics.
+TINY_ACCURACY = 0.8
 
 
 @pytest.fixture(autouse=True)
