@@ -1,8 +1,11 @@
 """The model card (``README.md``) of an MoH adapter: hf-kan's template ``model_cards/moh.md``, not PEFT's blank one.
 
 Front matter: ``library_name: peft``, ``pipeline_tag: text-generation``, tags, license and, when the base model is a
-Hub id, ``base_model``. Body: the method and its head split, how to load the adapter (``AutoPeftModelForCausalLM``
-and ``PeftModel.from_pretrained``), how it was trained and its validation / test figures.
+Hub id, ``base_model``. Body: the method and its head split (:func:`moh_method_table`), how to load the adapter
+(``AutoPeftModelForCausalLM`` and ``PeftModel.from_pretrained``), how it was trained and its validation / test
+figures. The template's placeholders are those of hf-kan's other adapter cards (``title``, ``repo_id``,
+``base_model_text``, ``num_parameters``, ``usage``, ``metrics_table``, ``citations``, ``hf_kan_version``,
+``license``) plus ``method_table`` and ``training``.
 """
 
 from __future__ import annotations
@@ -15,6 +18,14 @@ from huggingface_hub import ModelCardData
 
 from ..hub import DEFAULT_LICENSE, load_template
 
+MOH_CITATION = """```bibtex
+@article{jin2024moh,
+  title   = {MoH: Multi-Head Attention as Mixture-of-Head Attention},
+  author  = {Peng Jin and Bo Zhu and Li Yuan and Shuicheng Yan},
+  journal = {arXiv preprint arXiv:2410.11842},
+  year    = {2024}
+}
+```"""
 ROUTER_DESCRIPTIONS = {
     "query_norm": "`query_norm`: parameter-free; routed heads are scored by the L2 norm of their query (the "
     "continue-tuning router of MoH-LLaMA3); 0/1 gates with a straight-through gradient",
@@ -26,6 +37,34 @@ ROUTER_DESCRIPTIONS = {
 def _num_heads(config: Any) -> int:
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
     return int(text_config.num_attention_heads)
+
+
+def moh_method_table(peft_config: Any, num_heads: int, num_wrapped: int) -> str:
+    """Markdown table of an MoH adapter: router, head split and active-head ratio for ``num_heads`` heads per
+    attention block, the wrapped modules, LoRA under MoH, load-balance weight."""
+    shared, top_k = peft_config.head_split(num_heads)
+    lora = peft_config.lora_config
+    lora_text = "none (MoH parameters only)"
+    if lora:
+        targets = ", ".join(f"`{m}`" for m in sorted(lora["target_modules"]))
+        lora_text = f"rank {lora['r']}, alpha {lora['lora_alpha']}, on {targets}"
+    rows = [
+        ("router", ROUTER_DESCRIPTIONS.get(peft_config.router, f"`{peft_config.router}`")),
+        (
+            "heads per attention block",
+            f"{num_heads}: {shared} shared (always on) + top {top_k} of {num_heads - shared} routed",
+        ),
+        ("active heads per token", f"{shared + top_k} of {num_heads} ({(shared + top_k) / num_heads:.0%})"),
+        (
+            "wrapped modules",
+            f"{num_wrapped} attention output projections "
+            f"(`{', '.join(sorted(peft_config.target_modules or [])) or 'o_proj'}`), queries from "
+            f"`{peft_config.query_module}`",
+        ),
+        ("LoRA under MoH", lora_text),
+        ("load-balance weight", str(peft_config.load_balance_weight)),
+    ]
+    return "\n".join(["| | |", "|---|---|", *(f"| {name} | {value} |" for name, value in rows)])
 
 
 def _metrics_table(metrics: dict[str, Any]) -> str:
@@ -51,11 +90,10 @@ def render_adapter_card(peft_model: Any, *, args: Any, metrics: dict[str, Any], 
     from .layer import MoHLayer
 
     config = peft_model.peft_config["default"]
-    base = config.base_model_name_or_path or "the base model"
-    is_hub_id = base != "the base model" and not os.path.isabs(base) and not os.path.exists(base)
-    num_heads = _num_heads(peft_model.get_base_model().config)
-    shared, top_k = config.head_split(num_heads)
-    lora = config.lora_config
+    base = config.base_model_name_or_path
+    is_hub_id = bool(base) and not os.path.isabs(base) and not os.path.exists(base)
+    base_text = f"[`{base}`](https://huggingface.co/{base})" if is_hub_id else f"the base model `{base}`"
+    location = repo_id or args.output_dir
     data = "the embedded corpus (`hf_kan/data/moh_corpus.txt`)" if args.dataset is None else f"`{args.dataset}`"
     if args.dataset is not None and args.data_files:
         data += f" (files `{args.data_files}`)"
@@ -65,35 +103,38 @@ def render_adapter_card(peft_model: Any, *, args: Any, metrics: dict[str, Any], 
         f"blocks of {args.seq_len} tokens per process and step), loss = LM loss + `moh_aux_loss`. The adapter with "
         f"the lowest validation loss (step {metrics['best_step']}) was kept; the test split was evaluated once, on it."
     )
+    usage = "\n".join([
+        "```python",
+        "import hf_kan  # registers PeftType.MOH with PEFT",
+        "from peft import AutoPeftModelForCausalLM, PeftModel",
+        "from transformers import AutoModelForCausalLM",
+        "",
+        f'model = AutoPeftModelForCausalLM.from_pretrained("{location}")  # loads the base model too',
+        "# or on a base model you load yourself:",
+        f'model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("{base}"), "{location}")',
+        "```",
+    ])  # fmt: skip
     fields = {
-        "title": repo_id.rsplit("/", 1)[-1] if repo_id else f"MoH adapter for {os.path.basename(base)}",
-        "base_model": base,
-        "base_model_link": f"https://huggingface.co/{base}" if is_hub_id else "#usage",
-        "router_description": ROUTER_DESCRIPTIONS.get(config.router, f"`{config.router}`"),
-        "num_heads": num_heads,
-        "num_shared": shared,
-        "top_k": top_k,
-        "num_routed": num_heads - shared,
-        "active_heads": shared + top_k,
-        "active_percent": f"{(shared + top_k) / num_heads:.0%}",
-        "num_wrapped": sum(isinstance(m, MoHLayer) for m in peft_model.modules()),
-        "target_modules": ", ".join(sorted(config.target_modules or [])) or "o_proj",
-        "query_module": config.query_module,
-        "lora_description": f"rank {lora['r']}, alpha {lora['lora_alpha']}, on "
-        f"{', '.join(f'`{m}`' for m in sorted(lora['target_modules']))}"
-        if lora
-        else "none (MoH parameters only)",
-        "load_balance_weight": config.load_balance_weight,
-        "repo_id": repo_id or args.output_dir,
+        "title": repo_id.rsplit("/", 1)[-1] if repo_id else f"MoH adapter for {os.path.basename(str(base))}",
+        "repo_id": location,
+        "base_model_text": base_text,
+        "num_parameters": f"{sum(p.numel() for p in peft_model.parameters() if p.requires_grad):,}",
+        "method_table": moh_method_table(
+            config,
+            _num_heads(peft_model.get_base_model().config),
+            sum(isinstance(m, MoHLayer) for m in peft_model.modules()),
+        ),
+        "usage": usage,
         "training": training,
         "metrics_table": _metrics_table(metrics),
+        "citations": MOH_CITATION,
         "hf_kan_version": __version__,
         "license": DEFAULT_LICENSE,
     }
     front = ModelCardData(
         library_name="peft",
         pipeline_tag="text-generation",
-        tags=["hf-kan", "moh", "mixture-of-head", "peft"] + (["lora"] if lora else []),
+        tags=["hf-kan", "peft", "moh", "mixture-of-head"] + (["lora"] if config.lora_config else []),
         license=DEFAULT_LICENSE,
         base_model=base if is_hub_id else None,
     )
@@ -108,4 +149,4 @@ def write_adapter_card(peft_model: Any, output_dir: str, **kwargs: Any) -> str:
     return path
 
 
-__all__ = ["render_adapter_card", "write_adapter_card"]
+__all__ = ["moh_method_table", "render_adapter_card", "write_adapter_card"]

@@ -62,8 +62,6 @@ if TYPE_CHECKING:
 # loads none of them. (A logger of Transformers' ``logging.get_logger`` is this same stdlib logger.)
 logger = logging.getLogger(__name__)
 
-EMBEDDED_DATASET = "digits"
-
 
 @dataclass
 class ImageClassificationArguments:
@@ -290,20 +288,16 @@ def evaluate(model: torch.nn.Module, loader: Any, accelerator: Any, split: str =
     }
 
 
-def _dataset_name(args: ImageClassificationArguments) -> str:
-    if args.dataset in (None, EMBEDDED_DATASET):
-        return "scikit-learn digits (embedded in hf_kan.data)"
-    return args.dataset
-
-
 def _record_card_info(model: Any, args: ImageClassificationArguments, metrics: dict[str, Any]) -> None:
     """Put the training data and the measured accuracy into ``config.model_card_info`` (rendered by ``hf_kan.hub``):
     the test accuracy of the selected model, or its validation accuracy (labelled so) when there is no test split."""
     from ..hub import set_model_card_info
     from ..models.presets import available_presets
+    from .data import EMBEDDED_DATASET
 
-    dataset = _dataset_name(args)
-    hub_dataset = args.dataset not in (None, EMBEDDED_DATASET) and not os.path.exists(args.dataset)
+    embedded = args.dataset in (None, EMBEDDED_DATASET)
+    dataset = "scikit-learn digits (embedded in hf_kan.data)" if embedded else args.dataset
+    hub_dataset = not embedded and not os.path.exists(args.dataset)
     is_hub_id = not os.path.isdir(args.model) and args.model not in available_presets()
     selection = (
         f"the checkpoint with the best validation accuracy ({metrics['validation_accuracy']:.4f} at step "
