@@ -104,11 +104,23 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+class _ProgressBarSafeHandler(logging.StreamHandler):
+    """Writes records on their own line above any tqdm progress bar (``tqdm.write``) instead of into it."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from tqdm import tqdm
+
+        try:
+            tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:  # noqa: BLE001 - logging must never raise
+            self.handleError(record)
+
+
 def configure_logging() -> None:
     """Show hf-kan's INFO messages (progress notes such as a kernel compilation) on stderr, once per process."""
     root = logging.getLogger("hf_kan")
     if not root.handlers:
-        handler = logging.StreamHandler()
+        handler = _ProgressBarSafeHandler()
         handler.setFormatter(logging.Formatter("[hf-kan] %(message)s"))
         root.addHandler(handler)
         root.setLevel(logging.INFO)

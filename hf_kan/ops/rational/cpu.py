@@ -98,8 +98,8 @@ def _announce_compile(name: str, dtype: torch.dtype) -> None:
         from torch._inductor.runtime.cache_dir_utils import cache_dir
 
         logger.info(
-            "compiling the fused CPU rational kernels (torch.compile, once per process and dtype): tens of seconds "
-            "the first time, a few seconds once Inductor's disk cache (%s) holds them; %s=0 skips compiling",
+            "compiling the fused CPU rational kernels (torch.compile, once per process and dtype): up to a minute "
+            "the first time, much less once Inductor's disk cache (%s) holds them; %s=0 skips compiling",
             cache_dir(),
             COMPILE_ENV_VAR,
         )
