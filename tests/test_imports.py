@@ -179,3 +179,19 @@ def test_get_peft_model_when_the_moh_config_module_imports_peft():
         """
     )
     assert out.stdout.strip().splitlines()[-1] == "MoHModel MOH"
+
+
+def test_public_names_are_pinned_and_resolve():
+    import hf_kan
+
+    assert sorted(hf_kan.__all__) == sorted([
+        "FourierKArAtOperator", "GroupRational", "HFKanError", "KArAtConfig", "KArAtForImageClassification",
+        "KArAtModel", "KATConfig", "KATForImageClassification", "KATModel", "MoHConfig", "__version__",
+        "available_presets", "config_from_preset", "errors", "models", "moh", "moh_aux_loss", "register_preset",
+    ])  # fmt: skip
+    for name in hf_kan.__all__:
+        assert getattr(hf_kan, name) is not None, name
+    assert hf_kan.KATConfig.model_type == "kat" and callable(hf_kan.moh_aux_loss)
+    assert set(hf_kan.__all__) <= set(dir(hf_kan))
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        hf_kan.nope
