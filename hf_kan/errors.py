@@ -37,11 +37,16 @@ class BackendUnavailableError(HFKanError, RuntimeError):
     """A compute backend was requested explicitly but cannot run here (e.g. Triton without CUDA or interpreter)."""
 
 
+class HubUnavailableError(HFKanError, RuntimeError):
+    """The Hugging Face Hub cannot be used for a requested upload (offline mode, no token, not reachable)."""
+
+
 __all__ = [
     "BackendUnavailableError",
     "ConversionError",
     "HFKanConfigError",
     "HFKanError",
+    "HubUnavailableError",
     "ImageSizeError",
     "InputLayoutError",
     "UnsupportedModelError",

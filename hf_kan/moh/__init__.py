@@ -1,32 +1,42 @@
 """Mixture-of-Head attention (MoH, arXiv 2410.11842) as a PEFT method.
 
-Importing this package (``import hf_kan`` does) registers ``PeftType.MOH`` with PEFT, so ``get_peft_model(model,
-MoHConfig(...))``, ``save_pretrained`` and ``PeftModel.from_pretrained`` work with PEFT's own calls. Module
-dependencies are one way: ``peft_type`` <- ``config`` <- ``router`` / ``layer`` / ``skip`` <- ``model`` <-
-``registration``.
+``import hf_kan`` registers ``PeftType.MOH`` with PEFT as soon as PEFT is imported, so ``get_peft_model(model,
+MoHConfig(...))``, ``save_pretrained`` and ``PeftModel.from_pretrained`` work with PEFT's own calls. The names below
+are imported on first access (PEP 562): ``hf_kan.moh.train`` (the ``accelerate launch`` entry point) loads without
+PEFT. Module dependencies are one way: ``peft_type`` <- ``config`` <- ``router`` / ``layer`` / ``skip`` <-
+``model`` <- ``registration``.
 """
 
 from __future__ import annotations
 
-from .config import MoHConfig
-from .layer import MoHLayer, MoHLinear
-from .model import TRANSFORMERS_MODELS_TO_MOH_TARGET_MODULES_MAPPING, MoHModel, moh_aux_loss
-from .registration import register_moh
-from .router import LearnedHeadRouter, QueryNormHeadRouter, load_balance_loss
-from .skip import skipped_head_attention
+import importlib
+from typing import Any
 
-register_moh()
+_LAZY_ATTRIBUTES = {
+    "TRANSFORMERS_MODELS_TO_MOH_TARGET_MODULES_MAPPING": ".model",
+    "LearnedHeadRouter": ".router",
+    "MoHConfig": ".config",
+    "MoHLayer": ".layer",
+    "MoHLinear": ".layer",
+    "MoHModel": ".model",
+    "QueryNormHeadRouter": ".router",
+    "load_balance_loss": ".router",
+    "moh_aux_loss": ".model",
+    "register_moh": ".registration",
+    "skipped_head_attention": ".skip",
+}
 
-__all__ = [
-    "TRANSFORMERS_MODELS_TO_MOH_TARGET_MODULES_MAPPING",
-    "LearnedHeadRouter",
-    "MoHConfig",
-    "MoHLayer",
-    "MoHLinear",
-    "MoHModel",
-    "QueryNormHeadRouter",
-    "load_balance_loss",
-    "moh_aux_loss",
-    "register_moh",
-    "skipped_head_attention",
-]
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY_ATTRIBUTES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_LAZY_ATTRIBUTES[name], __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY_ATTRIBUTES))
+
+
+__all__ = sorted(_LAZY_ATTRIBUTES)

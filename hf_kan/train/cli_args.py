@@ -55,18 +55,17 @@ def _base_type(annotation: Any) -> Any:
 def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, *, negatable_bools: bool = True) -> None:
     """Add one option per field of dataclass ``cls`` to ``parser`` (dest = field name).
 
-    Help texts end with the default. ``negatable_bools=False`` makes boolean fields ``store_true`` switches
-    (no ``--no-flag``)."""
+    Help texts end with the default (unless it is ``None``: the help says what unset means).
+    ``negatable_bools=False`` makes boolean fields ``store_true`` switches (no ``--no-flag``)."""
     hints = typing.get_type_hints(cls)
     for field in dataclasses.fields(cls):
         base = _base_type(hints[field.name])
         flag = "--" + field.name.replace("_", "-")
         default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
         help_text = field.metadata.get("help", "")
+        shown = help_text if default is None else f"{help_text} (default: {default})"  # None: the help says it
         if base is bool and not negatable_bools:
-            parser.add_argument(
-                flag, dest=field.name, action="store_true", default=default, help=f"{help_text} (default: {default})"
-            )
+            parser.add_argument(flag, dest=field.name, action="store_true", default=default, help=shown)
         elif base is bool:
             parser.add_argument(
                 flag, dest=field.name, action=argparse.BooleanOptionalAction, default=default, help=help_text
@@ -76,9 +75,7 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, *, negat
                 flag, dest=field.name, type=parse_key_values, default=default, help=help_text, metavar="K=V,..."
             )
         else:
-            parser.add_argument(
-                flag, dest=field.name, type=base, default=default, help=f"{help_text} (default: {default})"
-            )
+            parser.add_argument(flag, dest=field.name, type=base, default=default, help=shown)
 
 
 def dataclass_from_namespace(cls: type, namespace: argparse.Namespace) -> Any:

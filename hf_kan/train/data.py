@@ -1,17 +1,20 @@
 """Image-classification data for the training entry points.
 
-Turns either the embedded digits (:mod:`hf_kan.data.digits`) or any Hugging Face
-``datasets`` data set with an image column and a label column into two torch
-data sets yielding ``{"pixel_values": [C, H, W] float tensor, "labels": int}``.
+Turns either the embedded digits (:mod:`hf_kan.data.digits`) or any Hugging Face ``datasets`` data set with an
+image column and a label column into train / validation / test torch data sets yielding
+``{"pixel_values": [C, H, W] float tensor, "labels": int}``. The splits follow :mod:`hf_kan.train.splits`: a data
+set without a validation split gets one carved from train; the test split (if any) is only for the final report.
 
-- Rows that already carry a ``pixel_values`` array (the embedded digits, or a
-  data set preprocessed offline) are used as they are and held in memory as
-  one tensor (fast batching).
-- Rows with images are preprocessed on the fly by an image processor: the
-  one given, the one saved with a pretrained model, or a default
-  ``ViTImageProcessorPil`` (bilinear resize to the model's image size,
-  rescale to [0, 1], normalise with mean = std = 0.5), which is then saved
-  with the trained model.
+- Rows that already carry a ``pixel_values`` array (the embedded digits, or a data set preprocessed offline) are
+  used as they are and held in memory as one tensor (fast batching).
+- Rows with images are preprocessed on the fly by an image processor: the one given, the one saved with a
+  pretrained model, or a default ``ViTImageProcessorPil`` (bilinear resize to the model's image size, rescale to
+  [0, 1], normalise with mean = std = 0.5).
+
+The image processor is saved with the trained model, so its directory works with ``AutoImageProcessor`` and
+``pipeline("image-classification")``. For the embedded digits that is the default processor, which turns a digit
+image (8-bit grey, pixel = round(16ths x 255 / 16)) into the training pixel values up to 8-bit rounding; for
+another data set of pre-computed ``pixel_values`` it is only known if given (``image_processor``).
 """
 
 from __future__ import annotations
@@ -23,26 +26,26 @@ from typing import Any
 
 import datasets
 import torch
-from transformers.utils import logging
 
 from ..data import load_digits_dataset
 from ..errors import HFKanConfigError, InputLayoutError
-
-logger = logging.get_logger(__name__)
+from .splits import DEFAULT_SPLIT_SEED, DEFAULT_VALIDATION_FRACTION, resolve_splits
 
 EMBEDDED_DATASET = "digits"
-_EVAL_SPLIT_CANDIDATES = ("test", "validation", "valid", "val")
 DEFAULT_MEAN_STD = 0.5
 
 
 @dataclass
 class ClassificationData:
-    """The prepared splits, label names and the image processor used (``None`` for pre-computed pixel values)."""
+    """The prepared splits, label names and the image processor to save with the model (``None``: unknown)."""
 
     train: torch.utils.data.Dataset
-    eval: torch.utils.data.Dataset
+    validation: torch.utils.data.Dataset
+    test: torch.utils.data.Dataset | None
     label_names: list[str]
     image_processor: Any | None
+    validation_source: str = "split 'validation'"
+    test_source: str | None = "split 'test'"
 
 
 class TensorClassificationDataset(torch.utils.data.Dataset):
@@ -68,7 +71,8 @@ def collate_classification(rows: list[dict[str, Any]]) -> dict[str, torch.Tensor
 
 
 def default_image_processor(image_size: int, num_channels: int) -> Any:
-    """A ``ViTImageProcessorPil``: bilinear resize to ``image_size``, x / 255, (x - 0.5) / 0.5 per channel."""
+    """A ``ViTImageProcessorPil``: bilinear resize to ``image_size``, x / 255, (x - 0.5) / 0.5 per channel
+    (grey images converted to RGB first when ``num_channels`` is 3)."""
     from transformers import ViTImageProcessorPil
 
     return ViTImageProcessorPil(
@@ -80,6 +84,7 @@ def default_image_processor(image_size: int, num_channels: int) -> Any:
         do_normalize=True,
         image_mean=[DEFAULT_MEAN_STD] * num_channels,
         image_std=[DEFAULT_MEAN_STD] * num_channels,
+        do_convert_rgb=num_channels == 3,
     )
 
 
@@ -97,29 +102,6 @@ def _load_raw(dataset: str, dataset_config: str | None) -> datasets.DatasetDict:
     return loaded
 
 
-def _select_splits(
-    raw: datasets.DatasetDict, train_split: str, eval_split: str | None, eval_fraction: float, seed: int
-) -> tuple[datasets.Dataset, datasets.Dataset]:
-    """Pick the train and eval splits; without an eval split, hold out ``eval_fraction`` of train (seeded)."""
-    if train_split not in raw:
-        raise HFKanConfigError(f"train split {train_split!r} not found; the data set has splits {list(raw)}")
-    if eval_split is not None:
-        if eval_split not in raw:
-            raise HFKanConfigError(f"eval split {eval_split!r} not found; the data set has splits {list(raw)}")
-        return raw[train_split], raw[eval_split]
-    for name in _EVAL_SPLIT_CANDIDATES:
-        if name in raw and name != train_split:
-            return raw[train_split], raw[name]
-    if not 0.0 < eval_fraction < 1.0:
-        raise HFKanConfigError(
-            f"the data set has no eval split (looked for {', '.join(_EVAL_SPLIT_CANDIDATES)}) and eval_fraction="
-            f"{eval_fraction} cannot hold one out; pass eval_split or an eval_fraction in (0, 1)"
-        )
-    logger.warning(f"no eval split found; holding out {eval_fraction:.0%} of {train_split!r} (seed {seed})")
-    parts = raw[train_split].train_test_split(test_size=eval_fraction, seed=seed)
-    return parts["train"], parts["test"]
-
-
 def _label_mapping(train: datasets.Dataset, label_column: str) -> tuple[list[str], Callable[[Any], int] | None]:
     """Label names and a value -> id function (``None`` when labels already are ``ClassLabel`` ids)."""
     if label_column not in train.column_names:
@@ -135,7 +117,7 @@ def _label_mapping(train: datasets.Dataset, label_column: str) -> tuple[list[str
 
     def to_id(value: Any) -> int:
         if value not in ids:
-            raise InputLayoutError(f"label {value!r} of the eval split does not occur in the train split")
+            raise InputLayoutError(f"label {value!r} of a validation/test row does not occur in the train split")
         return ids[value]
 
     return [str(v) for v in values], to_id
@@ -185,49 +167,77 @@ def load_classification_data(
     num_channels: int,
     dataset_config: str | None = None,
     train_split: str = "train",
-    eval_split: str | None = None,
-    eval_fraction: float = 0.1,
+    validation_split: str | None = None,
+    test_split: str | None = None,
+    validation_fraction: float = DEFAULT_VALIDATION_FRACTION,
     image_column: str = "image",
     label_column: str = "label",
     image_processor: Any | None = None,
     max_train_samples: int | None = None,
     max_eval_samples: int | None = None,
     seed: int = 0,
+    split_seed: int = DEFAULT_SPLIT_SEED,
 ) -> ClassificationData:
-    """Prepare train/eval data for image classification at ``image_size`` with ``num_channels`` channels.
+    """Prepare train / validation / test data for image classification at ``image_size`` with ``num_channels``.
 
-    ``dataset=None`` or ``"digits"`` selects the embedded digits. Otherwise ``dataset`` is a
-    ``save_to_disk`` directory, a Hub id or anything else ``datasets.load_dataset`` accepts.
-    ``max_*_samples`` keep a seeded random subset of the training split and the first rows of the eval split.
+    ``dataset=None`` or ``"digits"`` selects the embedded digits (fixed split, seed ``split_seed``). Otherwise
+    ``dataset`` is a ``save_to_disk`` directory, a Hub id or anything else ``datasets.load_dataset`` accepts; its
+    splits are resolved by :func:`hf_kan.train.splits.resolve_splits` (``validation_fraction`` of train is held
+    out, seeded by ``split_seed`` and stratified by label, when it has no validation split).
+    ``max_train_samples`` keeps a random subset of the training split (seeded by ``seed``), ``max_eval_samples``
+    the first rows of the validation and test splits.
     """
-    if dataset in (None, EMBEDDED_DATASET):
-        raw = load_digits_dataset(image_size=image_size, num_channels=num_channels, seed=seed)
+    embedded = dataset in (None, EMBEDDED_DATASET)
+    if embedded:
+        raw = load_digits_dataset(image_size=image_size, num_channels=num_channels, seed=split_seed)
     else:
         raw = _load_raw(dataset, dataset_config)
-    train, evaluation = _select_splits(raw, train_split, eval_split, eval_fraction, seed)
+    if train_split not in raw:
+        raise HFKanConfigError(f"train split {train_split!r} not found; the data set has splits {list(raw)}")
+    stratify = label_column if isinstance(raw[train_split].features.get(label_column), datasets.ClassLabel) else None
+    splits = resolve_splits(
+        raw,
+        train_split=train_split,
+        validation_split=validation_split,
+        test_split=test_split,
+        validation_fraction=validation_fraction,
+        seed=split_seed,
+        stratify=stratify,
+    )
+    train, validation, test = splits.train, splits.validation, splits.test
     if max_train_samples is not None:
         train = train.shuffle(seed=seed).select(range(min(max_train_samples, len(train))))
     if max_eval_samples is not None:
-        evaluation = evaluation.select(range(min(max_eval_samples, len(evaluation))))
+        validation = validation.select(range(min(max_eval_samples, len(validation))))
+        test = test.select(range(min(max_eval_samples, len(test)))) if test is not None else None
     label_names, to_id = _label_mapping(train, label_column)
+    parts = [train, validation] + ([test] if test is not None else [])
 
     if "pixel_values" in train.column_names and image_column not in train.column_names:
-        train_set, eval_set = (_as_tensor_dataset(s, label_column, to_id) for s in (train, evaluation))
-        shape = tuple(train_set.pixel_values.shape[1:])
+        prepared = [_as_tensor_dataset(s, label_column, to_id) for s in parts]
+        shape = tuple(prepared[0].pixel_values.shape[1:])
         if shape != (num_channels, image_size, image_size):
             raise InputLayoutError(
                 f"the data set's pixel_values have shape {shape} but the model expects "
                 f"{(num_channels, image_size, image_size)}; set image_size/num_channels to match the data"
             )
-        return ClassificationData(train_set, eval_set, label_names, None)
-
-    if image_processor is None:
-        image_processor = default_image_processor(image_size, num_channels)
-    train_set, eval_set = (
-        _with_image_transform(s, image_column, label_column, to_id, image_processor, num_channels)
-        for s in (train, evaluation)
+        if image_processor is None and embedded:
+            image_processor = default_image_processor(image_size, num_channels)
+    else:
+        if image_processor is None:
+            image_processor = default_image_processor(image_size, num_channels)
+        prepared = [
+            _with_image_transform(s, image_column, label_column, to_id, image_processor, num_channels) for s in parts
+        ]
+    return ClassificationData(
+        train=prepared[0],
+        validation=prepared[1],
+        test=prepared[2] if test is not None else None,
+        label_names=label_names,
+        image_processor=image_processor,
+        validation_source=splits.validation_source,
+        test_source=splits.test_source,
     )
-    return ClassificationData(train_set, eval_set, label_names, image_processor)
 
 
 __all__ = [

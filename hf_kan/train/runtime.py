@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from ..errors import HubUnavailableError
+
 
 def distributed_launch_without_device() -> bool:
     """True when a launcher started several processes (``WORLD_SIZE > 1``) but there is no CUDA/XPU device."""
@@ -29,6 +31,41 @@ def make_accelerator(cpu: bool = False, **accelerator_kwargs: Any) -> Any:
     from accelerate import Accelerator
 
     return Accelerator(cpu=cpu or distributed_launch_without_device(), **accelerator_kwargs)
+
+
+def finish(accelerator: Any, *, wait: bool = True) -> None:
+    """End a run on this process: wait for the others (``wait``; skip it when leaving on an error, the others may
+    be inside another collective), then ``end_training()``: trackers closed, process group destroyed. Without the
+    latter a gloo group's destructor can keep rank 0 from exiting."""
+    if wait:
+        accelerator.wait_for_everyone()
+    accelerator.end_training()
+
+
+def check_hub_push(repo_id: str) -> str:
+    """Fail early, with one clear message, when pushing to the Hub repo ``repo_id`` cannot work: offline mode, no
+    token, or no answer from the Hub. Returns the user name the token belongs to.
+
+    Raises :class:`hf_kan.errors.HubUnavailableError`."""
+    from huggingface_hub import HfApi, constants, get_token
+    from huggingface_hub.errors import HfHubHTTPError
+
+    hint = f"the model would go to {repo_id!r}; drop --push-to-hub to train without uploading"
+    if constants.HF_HUB_OFFLINE:
+        raise HubUnavailableError(f"--push-to-hub needs the Hub but HF_HUB_OFFLINE is set; {hint}")
+    token = get_token()
+    if token is None:
+        raise HubUnavailableError(f"--push-to-hub needs a Hugging Face token (`hf auth login` or HF_TOKEN); {hint}")
+    try:
+        return HfApi().whoami(token=token)["name"]
+    except HfHubHTTPError as err:
+        status = getattr(getattr(err, "response", None), "status_code", None)
+        what = "the token was rejected" if status in (401, 403) else f"the Hub answered {status}"
+        raise HubUnavailableError(f"--push-to-hub: {what} ({constants.ENDPOINT}); {hint}") from err
+    except Exception as err:  # DNS failure, refused connection, timeout (types of huggingface_hub's HTTP client)
+        raise HubUnavailableError(
+            f"--push-to-hub: the Hub at {constants.ENDPOINT} is not reachable ({err}); {hint}"
+        ) from err
 
 
 def is_rank_zero() -> bool:
@@ -52,4 +89,12 @@ def write_run_files(output_dir: str, metrics: dict[str, Any] | None = None, args
         write_json(os.path.join(output_dir, "training_args.json"), dataclasses.asdict(args))
 
 
-__all__ = ["distributed_launch_without_device", "is_rank_zero", "make_accelerator", "write_json", "write_run_files"]
+__all__ = [
+    "check_hub_push",
+    "distributed_launch_without_device",
+    "finish",
+    "is_rank_zero",
+    "make_accelerator",
+    "write_json",
+    "write_run_files",
+]

@@ -25,8 +25,8 @@ def native():
 
 def test_splits_shapes_and_labels():
     data = load_digits_dataset(image_size=16, num_channels=3)
-    assert set(data) == {"train", "test"}
-    assert (len(data["train"]), len(data["test"])) == (1437, 360)
+    assert list(data) == ["train", "validation", "test"]
+    assert (len(data["train"]), len(data["validation"]), len(data["test"])) == (1257, 180, 360)
     assert data["train"].features["label"].names == DIGITS_LABEL_NAMES
     batch = data["test"].with_format("torch")[:]
     assert batch["pixel_values"].shape == (360, 3, 16, 16)
@@ -34,16 +34,17 @@ def test_splits_shapes_and_labels():
     assert batch["pixel_values"].min() >= -1.0 and batch["pixel_values"].max() <= 1.0
     # channels are copies of the grey channel
     assert torch.equal(batch["pixel_values"][:, 0], batch["pixel_values"][:, 2])
-    # stratified: every class holds 1/5 of its images (+-1) in the test split
-    test_counts = np.bincount(np.asarray(batch["label"]), minlength=10)
+    # stratified: every class holds 1/5 of its images (+-1) in the test split and 1/10 in the validation split
     all_counts = np.bincount(load_digits().target, minlength=10)
-    assert np.all(np.abs(test_counts - all_counts * 0.2) <= 1)
+    for split, share in (("test", 0.2), ("validation", 0.1)):
+        counts = np.bincount(np.asarray(data[split]["label"]), minlength=10)
+        assert np.all(np.abs(counts - all_counts * share) <= 1), split
 
 
 def test_split_is_a_partition_of_sklearn_digits(native, raw_digits):
     images, targets = raw_digits
     rows = []
-    for split in ("train", "test"):
+    for split in ("train", "validation", "test"):
         batch = native[split].with_format("torch")[:]
         recovered = (batch["pixel_values"][:, 0] * 0.5 + 0.5) * 16  # undo normalisation -> 0..16
         assert torch.allclose(recovered, recovered.round(), atol=1e-5)
@@ -52,12 +53,24 @@ def test_split_is_a_partition_of_sklearn_digits(native, raw_digits):
     assert sorted(rows) == sorted(expected)  # every digit exactly once, with its own label
 
 
-def test_split_depends_only_on_seed():
-    a = load_digits_dataset(image_size=8, num_channels=1, seed=0)["test"].with_format("numpy")[:]["pixel_values"]
-    b = load_digits_dataset(image_size=8, num_channels=1, seed=0)["test"].with_format("numpy")[:]["pixel_values"]
-    c = load_digits_dataset(image_size=8, num_channels=1, seed=1)["test"].with_format("numpy")[:]["pixel_values"]
+@pytest.mark.parametrize("split", ["validation", "test"])
+def test_split_depends_only_on_seed(split):
+    a = load_digits_dataset(image_size=8, num_channels=1, seed=0)[split].with_format("numpy")[:]["pixel_values"]
+    b = load_digits_dataset(image_size=8, num_channels=1, seed=0)[split].with_format("numpy")[:]["pixel_values"]
+    c = load_digits_dataset(image_size=8, num_channels=1, seed=1)[split].with_format("numpy")[:]["pixel_values"]
     assert np.array_equal(a, b)
     assert not np.array_equal(a, c)
+
+
+def test_test_split_is_the_one_reported_before_the_validation_split_existed():
+    """The 360 test images are scikit-learn's stratified 20 % split with seed 0, as before: old and new test
+    figures are measured on the same images."""
+    from sklearn.model_selection import train_test_split
+
+    raw = load_digits()
+    _, test_idx = train_test_split(np.arange(len(raw.target)), test_size=0.2, random_state=0, stratify=raw.target)
+    test = load_digits_dataset(image_size=8, num_channels=1)["test"].with_format("numpy")[:]
+    np.testing.assert_allclose((test["pixel_values"][:, 0] * 0.5 + 0.5) * 16, raw.images[np.sort(test_idx)], atol=1e-5)
 
 
 def test_upsampling_is_bilinear_and_normalised():
@@ -85,6 +98,8 @@ def test_as_images(raw_digits):
 def test_bad_arguments():
     with pytest.raises(HFKanConfigError, match="test_fraction"):
         load_digits_dataset(test_fraction=1.5)
+    with pytest.raises(HFKanConfigError, match="validation_fraction"):
+        load_digits_dataset(test_fraction=0.5, validation_fraction=0.6)
     with pytest.raises(HFKanConfigError, match="image_size"):
         digits_to_pixel_values(np.zeros((1, 8, 8)), image_size=0)
     with pytest.raises(HFKanConfigError, match="shape"):

@@ -268,3 +268,24 @@ def test_preset_and_published_width_give_heads_for_a_kat_tiny_layout():
                 config.num_labels, config.intermediate_size) == (192, 3, 12, 224, 1000, 768)
     with pytest.raises(ConversionError, match="num_hidden_layers: preset 12 vs checkpoint 11"):
         infer_kat_config({k: v for k, v in sd.items() if not k.startswith("blocks.11.")}, preset="kat-tiny")
+
+
+def test_converted_directory_loads_with_pipeline(tmp_path):
+    """A converted directory is complete: ``pipeline("image-classification")`` loads model and processor, and its
+    scores are the model's softmax on the saved processor's output."""
+    from PIL import Image
+    from transformers import pipeline
+
+    src = tmp_path / "kat.pth"
+    torch.save(synthetic_timm_state_dict(), src)
+    out = tmp_path / "out"
+    convert_kat_checkpoint(src, out, num_attention_heads=HEADS)
+    classify = pipeline("image-classification", model=str(out))
+    image = Image.fromarray((torch.rand(40, 48, 3) * 255).to(torch.uint8).numpy())
+    scores = {entry["label"]: entry["score"] for entry in classify(image, top_k=CLASSES)}
+    model = AutoModelForImageClassification.from_pretrained(out).eval()
+    with torch.no_grad():
+        probabilities = model(**AutoImageProcessor.from_pretrained(out)(image, return_tensors="pt")).logits.softmax(-1)
+    assert len(scores) == CLASSES
+    for index, probability in enumerate(probabilities[0].tolist()):
+        assert scores[model.config.id2label[index]] == pytest.approx(probability, abs=1e-5)

@@ -123,36 +123,57 @@ def test_compiled_matches_reference_and_never_recompiles_for_new_shapes():
     _check(_run_cpu(xb, num, den, grad_b, compile=True), _reference_float64(xb, num, den, grad_b), tol=1e-2)
 
 
-def test_auto_dispatch_on_cpu_uses_the_fused_path(monkeypatch):
+def _spy_on_fused(monkeypatch) -> list:
+    """Record (rows x channels, compiled?) of every call of the fused function; compiled calls run eagerly here."""
+    calls = []
+    original = rc.RationalCPUFunction.forward
+
+    def spy(ctx, *args):
+        out = original(ctx, *args)
+        calls.append((args[0].shape, ctx.use_compile))
+        return out
+
+    monkeypatch.setattr(rc.RationalCPUFunction, "forward", staticmethod(spy))
+    monkeypatch.setattr(rc, "_compiled_fn", lambda name: rc._fused_forward if name == "forward" else rc._fused_backward)
+    return calls
+
+
+def test_auto_dispatch_on_cpu_compiles_large_tensors_only(monkeypatch):
     monkeypatch.delenv("HF_KAN_RATIONAL_BACKEND", raising=False)
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    calls = []
-    original = rc.RationalCPUFunction.forward
-
-    def spy(ctx, *args):
-        calls.append(args[0].shape)
-        return original(ctx, *args)
-
-    monkeypatch.setattr(rc.RationalCPUFunction, "forward", staticmethod(spy))
-    x = torch.randn(3, 4, 16)
-    out = group_rational(x, torch.randn(1, 6), torch.randn(4, 4), backend="auto")
-    assert calls == [torch.Size([12, 16])] and out.shape == x.shape
+    monkeypatch.delenv(rc.COMPILE_ENV_VAR, raising=False)
+    calls = _spy_on_fused(monkeypatch)
+    num, den = torch.randn(1, 6), torch.randn(4, 4)
+    small = torch.randn(3, 4, 16)
+    torch.testing.assert_close(group_rational(small, num, den, backend="auto"), rational_reference(small, num, den))
+    assert calls == []  # below COMPILE_MIN_NUMEL: autograd through the reference, the faster eager choice
+    large = torch.randn(rc.COMPILE_MIN_NUMEL // 16, 16, requires_grad=True)
+    out = group_rational(large, num, den, backend="auto")
+    assert calls == [(torch.Size([rc.COMPILE_MIN_NUMEL // 16, 16]), True)] and out.shape == large.shape
 
 
-def test_large_uncompiled_inputs_use_the_reference(monkeypatch):
-    """Without compilation the reference's autograd is the faster eager choice for big tensors: it is used there."""
+def test_uncompiled_inputs_use_the_reference_unless_fused_eager_is_asked_for(monkeypatch):
+    """Without compilation the reference's autograd is the faster eager choice: it is used at every size."""
     monkeypatch.setenv(rc.COMPILE_ENV_VAR, "0")
-    calls = []
-    original = rc.RationalCPUFunction.forward
-
-    def spy(ctx, *args):
-        calls.append(args[0].shape)
-        return original(ctx, *args)
-
-    monkeypatch.setattr(rc.RationalCPUFunction, "forward", staticmethod(spy))
+    calls = _spy_on_fused(monkeypatch)
     num, den = torch.randn(1, 6), torch.randn(8, 4)
     big = torch.randn(rc.COMPILE_MIN_NUMEL // 64, 64)
     torch.testing.assert_close(rc.rational_cpu(big, num, den), rational_reference(big, num, den))
-    assert calls == []
     rc.rational_cpu(big[:10], num, den)
-    assert calls == [torch.Size([10, 64])]
+    assert calls == []
+    rc.rational_cpu(big[:10], num, den, compile=False)
+    assert calls == [(torch.Size([10, 64]), False)]
+
+
+def test_first_compilation_logs_one_line(monkeypatch, caplog):
+    monkeypatch.setattr(rc, "_compiled_dtypes", set())
+    _spy_on_fused(monkeypatch)
+    x = torch.randn(50, 16, requires_grad=True)
+    num, den = torch.randn(1, 6, requires_grad=True), torch.randn(4, 4, requires_grad=True)
+    with caplog.at_level(logging.INFO, logger=rc.__name__):
+        for _ in range(2):
+            rc.rational_cpu(x, num, den, compile=True).sum().backward()
+        rc.rational_cpu(x.double(), num, den, compile=True).sum().backward()
+    lines = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
+    assert len(lines) == 1 and "compiling the fused CPU rational kernels" in lines[0]
+    assert rc._compiled_dtypes == {(n, d) for n in ("forward", "backward") for d in (torch.float32, torch.float64)}

@@ -33,7 +33,7 @@ def test_builtin_patches_are_registered_in_runtime_order():
 
 
 def test_patch_commands_are_reachable_from_the_cli_with_the_registry_help(capsys):
-    from hf_kan.cli import main
+    from hf_kan.cli import COMMANDS, main
 
     with pytest.raises(SystemExit) as exit_info:
         main(["--help"])
@@ -41,6 +41,8 @@ def test_patch_commands_are_reachable_from_the_cli_with_the_registry_help(capsys
     listing = "".join(capsys.readouterr().out.split())  # argparse wraps (and hyphen-breaks) the help column
     assert [c.name for c in registry.cli_commands()] == ["calibrate-var", "calibrate-prune", "dyvte-train"]
     for command in registry.cli_commands():
+        # the CLI's table is static (so --help imports nothing heavy); it must name what the specs declare
+        assert COMMANDS[command.name] == (command.module, command.help)
         assert "".join(f"{command.name} {command.help}".split()) in listing
         with pytest.raises(SystemExit) as exit_info:
             main([command.name, "--help"])

@@ -8,13 +8,17 @@ two dozen separate kernels and saved intermediates of autograd through the refer
 
 For tensors of at least :data:`COMPILE_MIN_NUMEL` elements both formulations run through ``torch.compile``
 (Inductor emits one vectorised C++ loop for each), compiled lazily on first use with dynamic shapes, so a new batch
-size, sequence length or channel count never recompiles; only a new input dtype does. The first compilation in a
-fresh environment takes tens of seconds on a small machine (Inductor caches it on disk, later processes pay a few
-seconds); smaller tensors - tests, tiny models - use the same formulation eagerly and never compile. Set
-``HF_KAN_RATIONAL_CPU_COMPILE=0`` to never compile (e.g. without a C++ compiler), ``=1`` to always compile.
-Large tensors that are not compiled (compilation disabled or failed) go through autograd of the reference, which is
-faster than the uncompiled fused formulation there (it keeps intermediates instead of recomputing them).
-Inside a ``torch.compile``'d model the eager formulation is traced into the caller's graph.
+size, sequence length or channel count never recompiles; only a new input dtype does. The first compilation of a
+process logs one INFO line (``hf_kan.ops.rational.cpu``; the ``hf-kan`` CLI shows it). Inductor keeps the compiled
+code in its disk cache (FX-graph and AOT-autograd caches, on by default), so later processes skip code generation
+and the C++ compiler and pay only tracing, the cache lookup and Inductor's CPU probe (measured on a loaded 2-core
+machine: about 65 s in a fresh environment, 15-25 s afterwards). Smaller tensors gain nothing from compiling
+(``benchmarks/rational_cpu_threshold.py``: at 8,192 elements compiled and eager calls cost the same, from about
+25,000 compiled wins) and take the eager path, autograd through the reference: it was faster than the eager fused
+formulation (which recomputes instead of keeping intermediates) at 17 of the 18 shapes measured, within 4 % at the
+other. ``HF_KAN_RATIONAL_CPU_COMPILE=0`` never compiles (e.g. without a C++ compiler; the eager path is then used
+at every size), ``=1`` always does. Inside a ``torch.compile``'d model the reference is traced into the caller's
+graph; ``compile=False`` runs the fused formulation eagerly (tests compare it with the reference).
 
 Compute precision: fp32 for fp16/bf16/fp32 inputs, fp64 for fp64 inputs (so ``gradcheck`` works); outputs in the
 input dtype, coefficient gradients in the coefficients' dtype.
@@ -25,13 +29,16 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 
 import torch
 
 from .reference import NUMERATOR_TERMS, check_rational_shapes, rational_reference
 
 COMPILE_ENV_VAR = "HF_KAN_RATIONAL_CPU_COMPILE"
-COMPILE_MIN_NUMEL = 1 << 16
+# Measured with benchmarks/rational_cpu_threshold.py (one thread, forward + backward): compiled / best eager per call
+# is 0.87-1.05 up to 8,192 elements and 1.23-1.51 at 24,576-32,768 (3.3x at 131,072).
+COMPILE_MIN_NUMEL = 1 << 14
 
 logger = logging.getLogger(__name__)  # stdlib logging: nothing under hf_kan.ops imports Transformers
 
@@ -80,8 +87,23 @@ def _fused_backward(
 
 
 _compiled: dict[str, object] = {}
+_compiled_dtypes: set[tuple[str, torch.dtype]] = set()  # (formulation, dtype) pairs already compiled here
 _compile_failed = False
 _compile_lock = threading.Lock()
+
+
+def _announce_compile(name: str, dtype: torch.dtype) -> None:
+    """Log the first compilation of this process (one INFO line), and how long each one took (DEBUG)."""
+    if not _compiled_dtypes:
+        from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+        logger.info(
+            "compiling the fused CPU rational kernels (torch.compile, once per process and dtype): up to a minute "
+            "the first time, much less once Inductor's disk cache (%s) holds them; %s=0 skips compiling",
+            cache_dir(),
+            COMPILE_ENV_VAR,
+        )
+    _compiled_dtypes.add((name, dtype))
 
 
 def _compiled_fn(name: str):
@@ -114,8 +136,16 @@ def _run(name: str, compile: bool, *args):
         return fn(*args)
     # detach(): a view's ``_base`` would otherwise be guarded on, recompiling for every new leading shape
     args = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
+    key = (name, args[0].dtype)
+    first = key not in _compiled_dtypes
     try:
-        return _compiled_fn(name)(*args)
+        if first:
+            _announce_compile(*key)
+            start = time.perf_counter()
+        result = _compiled_fn(name)(*args)
+        if first:
+            logger.debug("compiled the CPU rational %s for %s in %.1f s", name, key[1], time.perf_counter() - start)
+        return result
     except Exception as err:  # Inductor needs a working C++ toolchain; everything else is the same math
         _compile_failed = True
         logger.warning(
@@ -186,9 +216,10 @@ def rational_cpu(
     """Differentiable Group-Rational activation through the fused CPU formulation.
 
     ``x``: channels-last ``[..., C]`` or, with ``channel_dim=1``, channels-first ``(N, C, *spatial)``.
-    ``compile``: ``None`` decides per call (:data:`COMPILE_MIN_NUMEL`, ``HF_KAN_RATIONAL_CPU_COMPILE``), ``True`` /
-    ``False`` force it. Returns a tensor of ``x``'s shape and dtype. Works on any device (the formulation is plain
-    PyTorch), but it is tuned for and dispatched on CPU.
+    ``compile``: ``None`` decides per call: compiled at :data:`COMPILE_MIN_NUMEL` elements and above (unless
+    ``HF_KAN_RATIONAL_CPU_COMPILE`` says otherwise), else autograd through the reference (the faster eager path);
+    ``True`` forces compiling, ``False`` the eager fused formulation. Returns a tensor of ``x``'s shape and dtype.
+    Works on any device (the formulation is plain PyTorch), but it is tuned for and dispatched on CPU.
     """
     if channel_dim % max(x.dim(), 1) != x.dim() - 1:
         if x.dim() < 3 or channel_dim % x.dim() != 1:
@@ -197,9 +228,9 @@ def rational_cpu(
                 f"got channel_dim={channel_dim} for shape {tuple(x.shape)}"
             )
         return rational_cpu(x.movedim(1, -1), numerator, denominator, compile=compile).movedim(-1, 1)
-    if x.numel() >= COMPILE_MIN_NUMEL and not _should_compile(x, compile):
+    if compile is None and not _should_compile(x, compile):
         # Uncompiled, the recompute-based formulation makes more passes over memory than autograd through the
-        # reference (which keeps its intermediates): on large tensors the reference is the faster eager choice.
+        # reference (which keeps its intermediates): the reference is the faster eager choice (17 of 18 shapes).
         return rational_reference(x, numerator, denominator)
     shape = x.shape
     out = RationalCPUFunction.apply(x.reshape(-1, shape[-1]), numerator, denominator, compile)
