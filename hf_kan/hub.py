@@ -18,7 +18,9 @@ Templates use :class:`string.Template` placeholders (``${name}``). Every card ge
 ``metrics_table``, ``citations`` (BibTeX of the methods the checkpoint uses, from ``model_cards/citations``),
 ``hf_kan_version`` and ``license``; models also ``model_type``, ``architecture``, ``config_table`` (the family's own
 config fields) and ``provenance``; patched VLMs also ``active_patches`` and ``patches_table``; adapters also
-``method``, ``peft_type``, ``base_model_text`` and ``config_table`` (the adapter's config fields).
+``method``, ``peft_type``, ``base_model_text``, ``config_table`` (the adapter's config fields), ``method_table`` and
+``training``. A PEFT method adds what only it knows through the ``fields`` of :func:`render_adapter_card` (MoH:
+:mod:`hf_kan.moh.card`); this module imports no method.
 
 Uploads: :func:`push_to_hub` (a model or adapter object, optionally with its processor) and :func:`push_directory`
 (``hf-kan push DIR REPO_ID``, a saved directory, no weights loaded) write everything, card included, in ONE commit,
@@ -67,6 +69,13 @@ CARD_INFO_KEYS = (
 DEFAULT_LICENSE = "apache-2.0"
 PIPELINE_TAGS = {"ImageClassification": "image-classification", "ForConditionalGeneration": "image-text-to-text",
                  "ImageTextToText": "image-text-to-text", "CausalLM": "text-generation"}
+#: pipeline tag of an adapter card, from its PEFT config's ``task_type``
+PEFT_PIPELINE_TAGS = {"CAUSAL_LM": "text-generation", "SEQ_2_SEQ_LM": "text2text-generation",
+                      "SEQ_CLS": "text-classification", "TOKEN_CLS": "token-classification",
+                      "QUESTION_ANS": "question-answering", "FEATURE_EXTRACTION": "feature-extraction"}
+#: where a card rendered without a repo id loads the checkpoint from; uploads put the repo id in its place
+LOCAL_MODEL_LOCATION = "path/to/this/model"
+LOCAL_ADAPTER_LOCATION = "path/to/this/adapter"
 #: task type of evaluation results whose model has no pipeline tag
 DEFAULT_EVAL_TASK_TYPE = "visual-question-answering"
 #: runner metrics left out of model-index by default (they depend on the machine, not the model)
@@ -194,7 +203,7 @@ def _metrics_table(info: dict[str, Any]) -> str:
     return "\n\n".join(parts)
 
 
-def _provenance(info: dict[str, Any]) -> str:
+def _provenance(info: dict[str, Any], missing: str = "Provenance of these weights was not recorded.") -> str:
     parts = []
     if info.get("converted_from"):
         parts.append(
@@ -207,7 +216,7 @@ def _provenance(info: dict[str, Any]) -> str:
         parts.append(str(info["training"]))
     if info.get("datasets"):
         parts.append("Datasets: " + ", ".join(f"`{d}`" for d in info["datasets"]) + ".")
-    return "\n\n".join(parts) if parts else "Provenance of these weights was not recorded."
+    return "\n\n".join(parts) if parts else missing
 
 
 def _pipeline_tag(architecture: str) -> str | None:
@@ -315,7 +324,7 @@ def render_config_card(config: PreTrainedConfig, *, architecture: str, num_param
     info = {**(getattr(config, CARD_INFO_ATTR, None) or {}), **(extra_info or {})}
 
     title = info.get("model_name") or (repo_id.rsplit("/", 1)[-1] if repo_id else f"{config.model_type} model")
-    location = repo_id or "path/to/this/model"
+    location = repo_id or LOCAL_MODEL_LOCATION
     section = _patch_section(config)
     fields = {
         "title": title,
@@ -382,45 +391,73 @@ def write_model_card(model: Any, save_directory: str | os.PathLike, repo_id: str
 # ----------------------------------------------------------------------------------------------------- adapters
 
 
+def _adapter_config_dict(peft_config: Any) -> dict[str, Any]:
+    """A PEFT config (``PeftConfig`` or the dict of its ``adapter_config.json``) as a plain dict."""
+    return dict(peft_config.to_dict() if hasattr(peft_config, "to_dict") else peft_config)
+
+
+def _citation_keys_available(keys: Iterable[str]) -> list[str]:
+    cards = resources.files("hf_kan.model_cards") / "citations"
+    return [key for key in keys if (cards / f"{key}.bib").is_file()]
+
+
 def render_adapter_card(peft_config: Any, *, num_parameters: int, repo_id: str | None = None,
-                        extra_info: dict[str, Any] | None = None) -> str:
-    """The README.md of a PEFT adapter with config ``peft_config`` (e.g. a ``MoHConfig``) and ``num_parameters``
-    adapter parameters: template ``<peft_type>.md`` (lower case), else ``peft_adapter.md``."""
+                        extra_info: dict[str, Any] | None = None, fields: dict[str, str] | None = None) -> str:
+    """The README.md of a PEFT adapter with config ``peft_config`` (a ``PeftConfig`` such as ``MoHConfig``, or the
+    dict read from ``adapter_config.json``) and ``num_parameters`` adapter parameters.
+
+    Template ``<peft_type>.md`` (lower case), else ``peft_adapter.md``. The front matter (``library_name: peft``,
+    ``pipeline_tag`` from the config's ``task_type``, tags, ``base_model`` when it is a Hub id, ``model-index`` from
+    ``extra_info``), the usage, the citation (``model_cards/citations/<peft_type>.bib`` when it exists) and the
+    adapter's config table are rendered here. ``extra_info`` takes the keys of :func:`set_model_card_info`.
+    ``fields`` fills or overrides template placeholders with what only the method knows (the MoH trainer passes
+    ``method_table``, ``training`` and ``metrics_table``); without them ``method_table`` points to the config table
+    and ``training`` says what ``extra_info`` records.
+    """
     info = dict(extra_info or {})
-    peft_type = str(getattr(peft_config.peft_type, "value", peft_config.peft_type))
-    base = getattr(peft_config, "base_model_name_or_path", None)
+    config = _adapter_config_dict(peft_config)
+    peft_type = str(getattr(config["peft_type"], "value", config["peft_type"]))
+    task_type = config.get("task_type")
+    task_type = str(getattr(task_type, "value", task_type)) if task_type else None
+    base = config.get("base_model_name_or_path")
     hub_base = base if base and _HUB_ID.match(str(base)) and not os.path.exists(str(base)) else None
     title = info.get("model_name") or (repo_id.rsplit("/", 1)[-1] if repo_id else f"{peft_type.lower()} adapter")
-    location = repo_id or "path/to/this/adapter"
-    method = "Mixture-of-Head attention (MoH)" if peft_type == "MOH" else peft_type
-    rows = [(k, v) for k, v in sorted(peft_config.to_dict().items())
+    location = repo_id or LOCAL_ADAPTER_LOCATION
+    rows = [(k, v) for k, v in sorted(config.items())
             if k not in ("peft_type", "base_model_name_or_path", "revision", "auto_mapping", "inference_mode")]
     base_text = f"[`{hub_base}`](https://huggingface.co/{hub_base})" if hub_base else (
         f"the base model `{base}`" if base else "its base model")
-    fields = {
+    config_table = _table(rows)
+    values = {
         "title": title,
         "repo_id": location,
-        "method": method,
+        "method": peft_type,
         "peft_type": peft_type,
         "base_model_text": base_text,
         "num_parameters": f"{num_parameters:,}",
-        "config_table": _table(rows),
+        "config_table": config_table,
+        "method_table": "The adapter's settings are listed under *Adapter configuration* below.",
+        "training": _provenance(info, missing="How this adapter was trained was not recorded."),
         "metrics_table": _metrics_table(info),
-        "citations": _citations_block(["moh"] if peft_type == "MOH" else []),
+        "citations": _citations_block(_citation_keys_available([peft_type.lower()])),
         "hf_kan_version": _hf_kan_version(),
         "license": info.get("license", DEFAULT_LICENSE),
         "usage": _install_then([
-            "import hf_kan  # registers the hf-kan PEFT methods; import it before loading the adapter",
+            "import hf_kan  # registers the hf-kan PEFT methods (PeftType.MOH); import it before loading the adapter",
             "from peft import AutoPeftModelForCausalLM, PeftModel",
+            "from transformers import AutoModelForCausalLM",
             "",
             f'model = AutoPeftModelForCausalLM.from_pretrained("{location}")  # loads the base model too',
-            f'# or, on a base model you loaded: model = PeftModel.from_pretrained(base, "{location}")',
+            "# or on a base model you load yourself:",
+            f'base = AutoModelForCausalLM.from_pretrained("{base or "path/to/the/base/model"}")',
+            f'model = PeftModel.from_pretrained(base, "{location}")',
         ]),
+        **(fields or {}),
     }
-    body = Template(load_template(peft_type.lower(), "peft_adapter")).safe_substitute(fields)
+    body = Template(load_template(peft_type.lower(), "peft_adapter")).safe_substitute(values)
     tags = ["hf-kan", "peft", peft_type.lower()]
-    return _front_matter(title=title, tags=tags, info=info, pipeline_tag=None, library_name="peft",
-                         base_model=hub_base) + body
+    return _front_matter(title=title, tags=tags, info=info, pipeline_tag=PEFT_PIPELINE_TAGS.get(task_type or ""),
+                         library_name="peft", base_model=hub_base) + body
 
 
 # ----------------------------------------------------------------------------------------------------- directories
@@ -449,19 +486,16 @@ def render_directory_card(directory: str | os.PathLike, repo_id: str | None = No
     directory = Path(directory)
     extra = {"eval_results": list(eval_results)} if eval_results else {}
     if (directory / "adapter_config.json").is_file():
-        from peft import PeftConfig
-
-        from . import moh  # noqa: F401  (registers the MoH PEFT type, so its adapter config loads)
-
-        peft_config = PeftConfig.from_pretrained(str(directory))
+        # read as JSON, not through PeftConfig: no method (MoH) needs to be imported to describe its adapter
+        peft_config = json.loads((directory / "adapter_config.json").read_text(encoding="utf-8"))
         params = _safetensors_parameters(sorted(directory.glob("adapter_model*.safetensors")))
         return render_adapter_card(peft_config, num_parameters=params, repo_id=repo_id, extra_info=extra)
     if not (directory / "config.json").is_file():
         raise HFKanConfigError(f"{directory} holds neither config.json nor adapter_config.json: nothing to describe")
     from transformers import AutoConfig
 
-    from . import models  # noqa: F401  (registers kat / karat with AutoConfig)
-
+    # kat / karat are registered with AutoConfig by ``import hf_kan`` (hf_kan._registration), which ran before this
+    # module: importing hf_kan.models here would close an import cycle (the modeling files import this module)
     config = AutoConfig.from_pretrained(str(directory))
     if extra.get("eval_results"):
         earlier = (getattr(config, CARD_INFO_ATTR, None) or {}).get("eval_results") or []
