@@ -24,9 +24,11 @@ config fields) and ``provenance``; patched VLMs also ``active_patches`` and ``pa
 
 Uploads: :func:`push_to_hub` (a model or adapter object, optionally with its processor) and :func:`push_directory`
 (``hf-kan push DIR REPO_ID``, a saved directory, no weights loaded) write everything, card included, in ONE commit,
-so no generic card is ever uploaded in between. KAT / KArAt models also render their card in ``save_pretrained`` and
-``push_to_hub`` (:class:`ModelCardMixin`). A processor pushed later with the stock ``processor.push_to_hub`` keeps the
-hf-kan card: Transformers reloads the card already on the Hub and only adds tags.
+so no generic card is ever uploaded in between. A directory that already holds an hf-kan card (a trained model's or
+adapter's, with its training and metrics sections) uploads that card, with evaluation results merged into it
+(:func:`upload_card`); other directories get one rendered from their config. KAT / KArAt models also render their
+card in ``save_pretrained`` and ``push_to_hub`` (:class:`ModelCardMixin`). A processor pushed later with the stock
+``processor.push_to_hub`` keeps the hf-kan card: Transformers reloads the card already on the Hub and only adds tags.
 """
 
 from __future__ import annotations
@@ -195,12 +197,16 @@ def _metrics_table(info: dict[str, Any]) -> str:
         lines += [f"| {name} | {value} | {dataset} | {source} |" for name, value in metrics.items()]
         parts.append("\n".join(lines))
     if evals:
-        lines = ["Measured with `hf_kan.eval` (one row per patch setting and metric):", "",
-                 "| task | split | patch setting | metric | value | samples |", "|---|---|---|---|---|---|"]
-        lines += [f"| {r['task']} | {r.get('split') or '-'} | `{r['setting']}` | {r['metric']} | {r['value']:.6g} | "
-                  f"{r.get('num_samples') or '-'} |" for r in evals]
-        parts.append("\n".join(lines))
+        parts.append(_eval_rows_table(evals))
     return "\n\n".join(parts)
+
+
+def _eval_rows_table(rows: Iterable[dict[str, Any]]) -> str:
+    lines = ["Measured with `hf_kan.eval` (one row per patch setting and metric):", "",
+             "| task | split | patch setting | metric | value | samples |", "|---|---|---|---|---|---|"]
+    lines += [f"| {r['task']} | {r.get('split') or '-'} | `{r['setting']}` | {r['metric']} | {r['value']:.6g} | "
+              f"{r.get('num_samples') or '-'} |" for r in rows]
+    return "\n".join(lines)
 
 
 def _provenance(info: dict[str, Any], missing: str = "Provenance of these weights was not recorded.") -> str:
@@ -506,6 +512,71 @@ def render_directory_card(directory: str | os.PathLike, repo_id: str | None = No
                               extra_info=extra)
 
 
+def saved_card(directory: str | os.PathLike) -> Any | None:
+    """The ``huggingface_hub.ModelCard`` in ``directory/README.md`` if it is an hf-kan card (its front matter tags
+    ``hf-kan``), else ``None`` (no README, PEFT's or Transformers' generic one, or unreadable front matter)."""
+    import yaml
+    from huggingface_hub import ModelCard
+
+    path = Path(directory) / "README.md"
+    if not path.is_file():
+        return None
+    try:
+        card = ModelCard.load(path)
+    except (ValueError, yaml.YAMLError):
+        return None
+    return card if "hf-kan" in (card.data.tags or []) else None
+
+
+def _eval_key(result: EvalResult) -> tuple:
+    return (result.task_type, result.dataset_type, result.dataset_split, result.metric_type, result.metric_config)
+
+
+def _add_to_evaluation_section(text: str, block: str) -> str:
+    """``text`` (a card body) with ``block`` at the end of its ``## Evaluation`` section (replacing the sentence
+    saying there are no results), or as a new section at the end."""
+    text = text.replace("No evaluation results are recorded for this checkpoint.\n\n", "")
+    start = text.find("\n## Evaluation\n")
+    if start < 0:
+        return text.rstrip("\n") + "\n\n## Evaluation\n\n" + block + "\n"
+    end = text.find("\n## ", start + 1)
+    end = len(text) if end < 0 else end
+    return text[:end].rstrip("\n") + "\n\n" + block + "\n" + text[end:]
+
+
+def update_saved_card(card: Any, repo_id: str, *,
+                      eval_results: Sequence[dict[str, Any]] | None = None) -> str:
+    """README.md text of a saved hf-kan ``card`` (a ``ModelCard``, see :func:`saved_card`) for upload to ``repo_id``:
+    its body kept as it is (a trained card's training and metrics sections, any hand edits), the local placeholder
+    locations in its usage code replaced by ``repo_id``, and ``eval_results`` (rows of
+    :func:`eval_results_from_runner`) merged into its ``model-index`` (replacing earlier results of the same task,
+    split, metric and patch setting) and added to its Evaluation section."""
+    text = card.text
+    for placeholder in (LOCAL_MODEL_LOCATION, LOCAL_ADAPTER_LOCATION):
+        text = text.replace(f'"{placeholder}"', f'"{repo_id}"')
+    if eval_results:
+        new = _eval_result_objects({"eval_results": list(eval_results)}, card.data.pipeline_tag)
+        keys = {_eval_key(r) for r in new}
+        card.data.eval_results = [r for r in card.data.eval_results or [] if _eval_key(r) not in keys] + new
+        if not card.data.model_name:  # model-index entries need a name
+            heading = re.search(r"^# (.+)$", text, flags=re.MULTILINE)
+            card.data.model_name = heading.group(1).strip() if heading else repo_id.rsplit("/", 1)[-1]
+        text = _add_to_evaluation_section(text, _eval_rows_table(eval_results))
+    card.text = text
+    return card.content
+
+
+def upload_card(directory: str | os.PathLike, repo_id: str, *,
+                eval_results: Sequence[dict[str, Any]] | None = None) -> str:
+    """The README.md that :func:`push_directory` uploads for ``directory``: its own hf-kan card, updated by
+    :func:`update_saved_card`, when it has one (what ``save_pretrained`` of a KAT / KArAt model, ``hf-kan train``
+    and ``hf-kan moh-tune`` wrote); else the card :func:`render_directory_card` renders from its config."""
+    card = saved_card(directory)
+    if card is None:
+        return render_directory_card(directory, repo_id=repo_id, eval_results=eval_results)
+    return update_saved_card(card, repo_id, eval_results=eval_results)
+
+
 def _repo_files(directory: Path) -> list[tuple[str, Path]]:
     """(path in repo, file) of every file under ``directory`` except README.md and hidden files / folders."""
     out = []
@@ -524,7 +595,8 @@ def push_directory(directory: str | os.PathLike, repo_id: str, *, eval_results: 
                    card: str | None = None, private: bool | None = None, token: bool | str | None = None,
                    revision: str | None = None, commit_message: str | None = None, create_pr: bool = False) -> Any:
     """Upload the saved model / adapter ``directory`` to the Hub repo ``repo_id`` (created if needed) in one commit,
-    with the hf-kan card (:func:`render_directory_card`, or ``card``) as README.md. Returns the ``CommitInfo``.
+    with its hf-kan card as README.md (:func:`upload_card`: the directory's own hf-kan card, ``eval_results`` merged
+    in, else one rendered from its config; or ``card``). Returns the ``CommitInfo``.
 
     The Hub is ``HF_ENDPOINT`` (default huggingface.co); ``token`` defaults to the logged-in token.
     """
@@ -533,7 +605,7 @@ def push_directory(directory: str | os.PathLike, repo_id: str, *, eval_results: 
     directory = Path(directory)
     api = HfApi()
     repo_id = api.create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
-    text = card if card is not None else render_directory_card(directory, repo_id=repo_id, eval_results=eval_results)
+    text = card if card is not None else upload_card(directory, repo_id, eval_results=eval_results)
     operations = [CommitOperationAdd(path_in_repo=rel, path_or_fileobj=str(path)) for rel, path in
                   _repo_files(directory)]
     operations.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=text.encode("utf-8")))
@@ -560,6 +632,8 @@ def push_to_hub(obj: Any, repo_id: str, *, processor: Any = None,
             obj.save_pretrained(tmp, max_shard_size=max_shard_size)
         if processor is not None:
             processor.save_pretrained(tmp)
+        # rendered afresh from the object's config (titled after repo_id), not kept from what save_pretrained wrote
+        Path(tmp, "README.md").unlink(missing_ok=True)
         return push_directory(tmp, repo_id, eval_results=eval_results, **push_kwargs)
 
 
@@ -641,8 +715,10 @@ def add_subparser(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "push", help="upload a saved hf-kan model, patched VLM or MoH adapter with its model card",
         description="Upload a saved model directory (KAT, KArAt, a patched vision-language model) or PEFT adapter "
-                    "directory (MoH) to the Hugging Face Hub in one commit, with a README.md rendered by hf-kan "
-                    "(what it is, how to install and load it, active patches, evaluation results, citations). "
+                    "directory (MoH) to the Hugging Face Hub in one commit, with its hf-kan README.md: the one "
+                    "saved in the directory (hf-kan train, moh-tune, save_pretrained), with --eval-results merged "
+                    "in, else one rendered from its config (what it is, how to install and load it, active "
+                    "patches, evaluation results, citations). "
                     "The Hub is $HF_ENDPOINT (default huggingface.co).")
     parser.add_argument("directory", help="the saved directory (save_pretrained output)")
     parser.add_argument("repo_id", help="target repository, e.g. user/name (created if needed)")
@@ -668,6 +744,9 @@ __all__ = [
     "render_config_card",
     "render_directory_card",
     "render_model_card",
+    "saved_card",
     "set_model_card_info",
+    "update_saved_card",
+    "upload_card",
     "write_model_card",
 ]

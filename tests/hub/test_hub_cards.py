@@ -188,3 +188,27 @@ def test_the_hub_module_imports_no_method_nor_model_family():
         elif isinstance(node, ast.Import):
             own |= {a.name for a in node.names if a.name.startswith("hf_kan")}
     assert own == {"hf_kan.errors"}
+
+
+def test_a_saved_model_card_is_kept_for_upload_with_eval_results_merged(tmp_path):
+    from huggingface_hub import ModelCard
+
+    model = tiny_kat()
+    hub.set_model_card_info(model, training="Trained for 7 steps.", metrics={"accuracy": 0.9},
+                            metrics_dataset="digits")
+    model.save_pretrained(tmp_path)
+    (tmp_path / "README.md").write_text((tmp_path / "README.md").read_text() + "\nA note added by hand.\n")
+    row = {"task": "hf_kan_digits", "split": "test", "setting": "off", "metric": "answer_accuracy", "value": 0.5,
+           "num_samples": 4}
+    card = ModelCard(hub.upload_card(tmp_path, "me/kat", eval_results=[row]))
+    assert "Trained for 7 steps." in card.text and "A note added by hand." in card.text
+    assert 'AutoModelForImageClassification.from_pretrained("me/kat")' in card.text
+    assert "path/to/this/model" not in card.text
+    assert "| hf_kan_digits | test | `off` | answer_accuracy | 0.5 | 4 |" in card.text.split("## Evaluation")[1]
+    assert sorted((r.dataset_name, r.metric_type, r.metric_value) for r in card.data.eval_results) == [
+        ("digits", "accuracy", 0.9), ("hf_kan_digits", "answer_accuracy", 0.5)]
+    # the same result pushed again replaces its earlier entry instead of adding a second one
+    (tmp_path / "README.md").write_text(str(card))
+    again = ModelCard(hub.upload_card(tmp_path, "me/kat", eval_results=[{**row, "value": 0.75}]))
+    assert sorted((r.metric_type, r.metric_value) for r in again.data.eval_results) == [
+        ("accuracy", 0.9), ("answer_accuracy", 0.75)]
