@@ -4,8 +4,7 @@ A :class:`PatchSetting` names one configuration of the registered patches (:func
 ``hf_kan.patches.registry.names()``: ``mma``, ``var``, ``prune``, ``dyvte`` and any patch registered with
 ``hf_kan.patches.registry.register``); each takes what ``hf_kan.patches.apply`` takes for that patch (``None`` = as
 saved in the checkpoint, ``False`` = off, ``True`` = on with defaults, a preset name such as ``"fastv"``, or a dict of
-options). Settings are written on
-command lines and in lmms-eval ``--model_args`` as ``key=value`` pairs:
+options). Settings are written on command lines and in lmms-eval ``--model_args`` as ``key=value`` pairs:
 
     off                                   every patch off
     checkpoint                            the patches as saved in the checkpoint's config
