@@ -1,9 +1,10 @@
 """Patch settings of an evaluation: which hf-kan patches are on, and with which options.
 
-A :class:`PatchSetting` names one configuration of the four patches (``mma``, ``var``, ``prune``, ``dyvte``); each
-field takes what ``hf_kan.patches.apply`` takes for that patch (``None`` = as saved in the checkpoint, ``False`` =
-off, ``True`` = on with defaults, a preset name such as ``"fastv"``, or a dict of options). Settings are written on
-command lines and in lmms-eval ``--model_args`` as ``key=value`` pairs:
+A :class:`PatchSetting` names one configuration of the registered patches (:func:`patch_names`, i.e.
+``hf_kan.patches.registry.names()``: ``mma``, ``var``, ``prune``, ``dyvte`` and any patch registered with
+``hf_kan.patches.registry.register``); each takes what ``hf_kan.patches.apply`` takes for that patch (``None`` = as
+saved in the checkpoint, ``False`` = off, ``True`` = on with defaults, a preset name such as ``"fastv"``, or a dict of
+options). Settings are written on command lines and in lmms-eval ``--model_args`` as ``key=value`` pairs:
 
     off                                   every patch off
     checkpoint                            the patches as saved in the checkpoint's config
@@ -12,6 +13,10 @@ command lines and in lmms-eval ``--model_args`` as ``key=value`` pairs:
 
 A value is ``true`` / ``false`` / ``none``, a JSON object or list, or a bare word (a preset name). Commas inside
 braces or brackets do not split pairs.
+
+Importing this module stays cheap (no torch, no Transformers): the patch registry, which imports the patches, is read
+only when a setting needs the names (parsing pairs, :meth:`PatchSetting.off`, :meth:`PatchSetting.patch_arguments`).
+``PATCH_NAMES`` is kept as a module attribute computed on access.
 """
 
 from __future__ import annotations
@@ -22,7 +27,18 @@ from typing import Any
 
 from ..errors import HFKanConfigError
 
-PATCH_NAMES = ("mma", "var", "prune", "dyvte")
+
+def patch_names() -> tuple[str, ...]:
+    """Names of the registered patches in the order their runtimes run (``hf_kan.patches.registry.names()``)."""
+    from ..patches.registry import names
+
+    return names()
+
+
+def __getattr__(name: str) -> Any:
+    if name == "PATCH_NAMES":  # read from the registry on access, so that importing this module stays cheap
+        return patch_names()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def parse_patch_value(name: str, value: Any) -> Any:
@@ -68,26 +84,47 @@ def split_pairs(text: str) -> list[str]:
     return [p.strip() for p in parts if p.strip()]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class PatchSetting:
     """One patch configuration to evaluate; ``name`` labels it in result tables.
 
-    Each patch field is passed to ``hf_kan.patches.apply`` as is, except ``None``, which restores the value saved in
-    the checkpoint (so settings evaluated one after another on the same loaded model do not leak into each other).
+    ``PatchSetting(name, prune="fastv", mma=False)``: one keyword per registered patch (:func:`patch_names`), or
+    ``patches={...}`` (for a patch whose name is taken by an argument here), read back from ``setting.patches`` or as
+    attributes (``setting.prune``; ``None`` for a patch not given). Each value is passed to
+    ``hf_kan.patches.apply`` as is, except ``None``, which restores the value saved in the checkpoint (so settings
+    evaluated one after another on the same loaded model do not leak into each other).
     """
 
-    name: str = "checkpoint"
-    mma: Any = None
-    var: Any = None
-    prune: Any = None
-    dyvte: Any = None
-    extra: dict = field(default_factory=dict, compare=False)
+    name: str
+    patches: dict
+    """patch name -> its ``apply`` argument, for the patches given a value other than ``None``"""
+    extra: dict = field(compare=False)
     """free-form notes carried into the results (e.g. the command-line text the setting came from)"""
+
+    def __init__(self, name: str = "checkpoint", extra: dict | None = None, patches: dict[str, Any] | None = None,
+                 **more_patches: Any) -> None:
+        patches = {**(patches or {}), **more_patches}
+        given = {key: value for key, value in patches.items() if value is not None}
+        if patches:
+            unknown = sorted(set(patches) - set(patch_names()))
+            if unknown:
+                raise HFKanConfigError(
+                    f"unknown patches {unknown} in a patch setting; the registered ones are {list(patch_names())}"
+                )
+        object.__setattr__(self, "name", name)
+        object.__setattr__(self, "patches", given)
+        object.__setattr__(self, "extra", dict(extra or {}))
+
+    def __getattr__(self, key: str) -> Any:
+        # only reached for names that are not fields: a registered patch's value, else the usual AttributeError
+        if not key.startswith("_") and key in patch_names():
+            return self.patches.get(key)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {key!r}")
 
     @classmethod
     def off(cls, name: str = "off") -> PatchSetting:
         """Every patch off."""
-        return cls(name=name, mma=False, var=False, prune=False, dyvte=False)
+        return cls(name=name, patches=dict.fromkeys(patch_names(), False))
 
     @classmethod
     def parse(cls, text: str | PatchSetting, name: str | None = None) -> PatchSetting:
@@ -103,25 +140,22 @@ class PatchSetting:
         for pair in split_pairs(stripped):
             key, sep, value = pair.partition("=")
             key = key.strip()
-            if not sep or key not in PATCH_NAMES:
+            if not sep or key not in patch_names():
                 raise HFKanConfigError(
                     f"cannot read patch setting {text!r}: expected 'off', 'checkpoint' or comma-separated "
-                    f"key=value pairs with keys in {list(PATCH_NAMES)} (e.g. 'prune=fastv,mma=false')"
+                    f"key=value pairs with keys in {list(patch_names())} (e.g. 'prune=fastv,mma=false')"
                 )
             values[key] = parse_patch_value(key, value)
-        return cls(name=name or stripped, extra={"text": stripped}, **values)
+        return cls(name=name or stripped, extra={"text": stripped}, patches=values)
 
     def patch_arguments(self, saved: dict[str, Any]) -> dict[str, Any]:
-        """Keyword arguments for ``hf_kan.patches.apply``: this setting's values, ``None`` replaced by the
-        checkpoint's saved value of that patch (``saved`` as in ``patches.status(model)["patches"]``) or ``False``."""
-        out = {}
-        for key in PATCH_NAMES:
-            value = getattr(self, key)
-            out[key] = (saved.get(key) or False) if value is None else value
-        return out
+        """Keyword arguments for ``hf_kan.patches.apply``, one per registered patch: this setting's value, or where
+        it has none the checkpoint's saved value of that patch (``saved`` as in ``patches.status(model)["patches"]``)
+        or ``False``."""
+        return {key: self.patches[key] if key in self.patches else (saved.get(key) or False) for key in patch_names()}
 
     def as_dict(self) -> dict[str, Any]:
-        return {"name": self.name, **{k: getattr(self, k) for k in PATCH_NAMES}}
+        return {"name": self.name, **{key: self.patches.get(key) for key in patch_names()}}
 
 
-__all__ = ["PATCH_NAMES", "PatchSetting", "parse_patch_value", "split_pairs"]
+__all__ = ["PatchSetting", "parse_patch_value", "patch_names", "split_pairs"]  # and PATCH_NAMES, on access

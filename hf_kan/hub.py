@@ -18,13 +18,17 @@ Templates use :class:`string.Template` placeholders (``${name}``). Every card ge
 ``metrics_table``, ``citations`` (BibTeX of the methods the checkpoint uses, from ``model_cards/citations``),
 ``hf_kan_version`` and ``license``; models also ``model_type``, ``architecture``, ``config_table`` (the family's own
 config fields) and ``provenance``; patched VLMs also ``active_patches`` and ``patches_table``; adapters also
-``method``, ``peft_type``, ``base_model_text`` and ``config_table`` (the adapter's config fields).
+``method``, ``peft_type``, ``base_model_text``, ``config_table`` (the adapter's config fields), ``method_table`` and
+``training``. A PEFT method adds what only it knows through the ``fields`` of :func:`render_adapter_card` (MoH:
+:mod:`hf_kan.moh.card`); this module imports no method.
 
 Uploads: :func:`push_to_hub` (a model or adapter object, optionally with its processor) and :func:`push_directory`
 (``hf-kan push DIR REPO_ID``, a saved directory, no weights loaded) write everything, card included, in ONE commit,
-so no generic card is ever uploaded in between. KAT / KArAt models also render their card in ``save_pretrained`` and
-``push_to_hub`` (:class:`ModelCardMixin`). A processor pushed later with the stock ``processor.push_to_hub`` keeps the
-hf-kan card: Transformers reloads the card already on the Hub and only adds tags.
+so no generic card is ever uploaded in between. A directory that already holds an hf-kan card (a trained model's or
+adapter's, with its training and metrics sections) uploads that card, with evaluation results merged into it
+(:func:`upload_card`); other directories get one rendered from their config. KAT / KArAt models also render their
+card in ``save_pretrained`` and ``push_to_hub`` (:class:`ModelCardMixin`). A processor pushed later with the stock
+``processor.push_to_hub`` keeps the hf-kan card: Transformers reloads the card already on the Hub and only adds tags.
 """
 
 from __future__ import annotations
@@ -67,6 +71,13 @@ CARD_INFO_KEYS = (
 DEFAULT_LICENSE = "apache-2.0"
 PIPELINE_TAGS = {"ImageClassification": "image-classification", "ForConditionalGeneration": "image-text-to-text",
                  "ImageTextToText": "image-text-to-text", "CausalLM": "text-generation"}
+#: pipeline tag of an adapter card, from its PEFT config's ``task_type``
+PEFT_PIPELINE_TAGS = {"CAUSAL_LM": "text-generation", "SEQ_2_SEQ_LM": "text2text-generation",
+                      "SEQ_CLS": "text-classification", "TOKEN_CLS": "token-classification",
+                      "QUESTION_ANS": "question-answering", "FEATURE_EXTRACTION": "feature-extraction"}
+#: where a card rendered without a repo id loads the checkpoint from; uploads put the repo id in its place
+LOCAL_MODEL_LOCATION = "path/to/this/model"
+LOCAL_ADAPTER_LOCATION = "path/to/this/adapter"
 #: task type of evaluation results whose model has no pipeline tag
 DEFAULT_EVAL_TASK_TYPE = "visual-question-answering"
 #: runner metrics left out of model-index by default (they depend on the machine, not the model)
@@ -186,15 +197,19 @@ def _metrics_table(info: dict[str, Any]) -> str:
         lines += [f"| {name} | {value} | {dataset} | {source} |" for name, value in metrics.items()]
         parts.append("\n".join(lines))
     if evals:
-        lines = ["Measured with `hf_kan.eval` (one row per patch setting and metric):", "",
-                 "| task | split | patch setting | metric | value | samples |", "|---|---|---|---|---|---|"]
-        lines += [f"| {r['task']} | {r.get('split') or '-'} | `{r['setting']}` | {r['metric']} | {r['value']:.6g} | "
-                  f"{r.get('num_samples') or '-'} |" for r in evals]
-        parts.append("\n".join(lines))
+        parts.append(_eval_rows_table(evals))
     return "\n\n".join(parts)
 
 
-def _provenance(info: dict[str, Any]) -> str:
+def _eval_rows_table(rows: Iterable[dict[str, Any]]) -> str:
+    lines = ["Measured with `hf_kan.eval` (one row per patch setting and metric):", "",
+             "| task | split | patch setting | metric | value | samples |", "|---|---|---|---|---|---|"]
+    lines += [f"| {r['task']} | {r.get('split') or '-'} | `{r['setting']}` | {r['metric']} | {r['value']:.6g} | "
+              f"{r.get('num_samples') or '-'} |" for r in rows]
+    return "\n".join(lines)
+
+
+def _provenance(info: dict[str, Any], missing: str = "Provenance of these weights was not recorded.") -> str:
     parts = []
     if info.get("converted_from"):
         parts.append(
@@ -207,7 +222,7 @@ def _provenance(info: dict[str, Any]) -> str:
         parts.append(str(info["training"]))
     if info.get("datasets"):
         parts.append("Datasets: " + ", ".join(f"`{d}`" for d in info["datasets"]) + ".")
-    return "\n\n".join(parts) if parts else "Provenance of these weights was not recorded."
+    return "\n\n".join(parts) if parts else missing
 
 
 def _pipeline_tag(architecture: str) -> str | None:
@@ -315,7 +330,7 @@ def render_config_card(config: PreTrainedConfig, *, architecture: str, num_param
     info = {**(getattr(config, CARD_INFO_ATTR, None) or {}), **(extra_info or {})}
 
     title = info.get("model_name") or (repo_id.rsplit("/", 1)[-1] if repo_id else f"{config.model_type} model")
-    location = repo_id or "path/to/this/model"
+    location = repo_id or LOCAL_MODEL_LOCATION
     section = _patch_section(config)
     fields = {
         "title": title,
@@ -382,45 +397,73 @@ def write_model_card(model: Any, save_directory: str | os.PathLike, repo_id: str
 # ----------------------------------------------------------------------------------------------------- adapters
 
 
+def _adapter_config_dict(peft_config: Any) -> dict[str, Any]:
+    """A PEFT config (``PeftConfig`` or the dict of its ``adapter_config.json``) as a plain dict."""
+    return dict(peft_config.to_dict() if hasattr(peft_config, "to_dict") else peft_config)
+
+
+def _citation_keys_available(keys: Iterable[str]) -> list[str]:
+    cards = resources.files("hf_kan.model_cards") / "citations"
+    return [key for key in keys if (cards / f"{key}.bib").is_file()]
+
+
 def render_adapter_card(peft_config: Any, *, num_parameters: int, repo_id: str | None = None,
-                        extra_info: dict[str, Any] | None = None) -> str:
-    """The README.md of a PEFT adapter with config ``peft_config`` (e.g. a ``MoHConfig``) and ``num_parameters``
-    adapter parameters: template ``<peft_type>.md`` (lower case), else ``peft_adapter.md``."""
+                        extra_info: dict[str, Any] | None = None, fields: dict[str, str] | None = None) -> str:
+    """The README.md of a PEFT adapter with config ``peft_config`` (a ``PeftConfig`` such as ``MoHConfig``, or the
+    dict read from ``adapter_config.json``) and ``num_parameters`` adapter parameters.
+
+    Template ``<peft_type>.md`` (lower case), else ``peft_adapter.md``. The front matter (``library_name: peft``,
+    ``pipeline_tag`` from the config's ``task_type``, tags, ``base_model`` when it is a Hub id, ``model-index`` from
+    ``extra_info``), the usage, the citation (``model_cards/citations/<peft_type>.bib`` when it exists) and the
+    adapter's config table are rendered here. ``extra_info`` takes the keys of :func:`set_model_card_info`.
+    ``fields`` fills or overrides template placeholders with what only the method knows (the MoH trainer passes
+    ``method_table``, ``training`` and ``metrics_table``); without them ``method_table`` points to the config table
+    and ``training`` says what ``extra_info`` records.
+    """
     info = dict(extra_info or {})
-    peft_type = str(getattr(peft_config.peft_type, "value", peft_config.peft_type))
-    base = getattr(peft_config, "base_model_name_or_path", None)
+    config = _adapter_config_dict(peft_config)
+    peft_type = str(getattr(config["peft_type"], "value", config["peft_type"]))
+    task_type = config.get("task_type")
+    task_type = str(getattr(task_type, "value", task_type)) if task_type else None
+    base = config.get("base_model_name_or_path")
     hub_base = base if base and _HUB_ID.match(str(base)) and not os.path.exists(str(base)) else None
     title = info.get("model_name") or (repo_id.rsplit("/", 1)[-1] if repo_id else f"{peft_type.lower()} adapter")
-    location = repo_id or "path/to/this/adapter"
-    method = "Mixture-of-Head attention (MoH)" if peft_type == "MOH" else peft_type
-    rows = [(k, v) for k, v in sorted(peft_config.to_dict().items())
+    location = repo_id or LOCAL_ADAPTER_LOCATION
+    rows = [(k, v) for k, v in sorted(config.items())
             if k not in ("peft_type", "base_model_name_or_path", "revision", "auto_mapping", "inference_mode")]
     base_text = f"[`{hub_base}`](https://huggingface.co/{hub_base})" if hub_base else (
         f"the base model `{base}`" if base else "its base model")
-    fields = {
+    config_table = _table(rows)
+    values = {
         "title": title,
         "repo_id": location,
-        "method": method,
+        "method": peft_type,
         "peft_type": peft_type,
         "base_model_text": base_text,
         "num_parameters": f"{num_parameters:,}",
-        "config_table": _table(rows),
+        "config_table": config_table,
+        "method_table": "The adapter's settings are listed under *Adapter configuration* below.",
+        "training": _provenance(info, missing="How this adapter was trained was not recorded."),
         "metrics_table": _metrics_table(info),
-        "citations": _citations_block(["moh"] if peft_type == "MOH" else []),
+        "citations": _citations_block(_citation_keys_available([peft_type.lower()])),
         "hf_kan_version": _hf_kan_version(),
         "license": info.get("license", DEFAULT_LICENSE),
         "usage": _install_then([
-            "import hf_kan  # registers the hf-kan PEFT methods; import it before loading the adapter",
+            "import hf_kan  # registers the hf-kan PEFT methods (PeftType.MOH); import it before loading the adapter",
             "from peft import AutoPeftModelForCausalLM, PeftModel",
+            "from transformers import AutoModelForCausalLM",
             "",
             f'model = AutoPeftModelForCausalLM.from_pretrained("{location}")  # loads the base model too',
-            f'# or, on a base model you loaded: model = PeftModel.from_pretrained(base, "{location}")',
+            "# or on a base model you load yourself:",
+            f'base = AutoModelForCausalLM.from_pretrained("{base or "path/to/the/base/model"}")',
+            f'model = PeftModel.from_pretrained(base, "{location}")',
         ]),
+        **(fields or {}),
     }
-    body = Template(load_template(peft_type.lower(), "peft_adapter")).safe_substitute(fields)
+    body = Template(load_template(peft_type.lower(), "peft_adapter")).safe_substitute(values)
     tags = ["hf-kan", "peft", peft_type.lower()]
-    return _front_matter(title=title, tags=tags, info=info, pipeline_tag=None, library_name="peft",
-                         base_model=hub_base) + body
+    return _front_matter(title=title, tags=tags, info=info, pipeline_tag=PEFT_PIPELINE_TAGS.get(task_type or ""),
+                         library_name="peft", base_model=hub_base) + body
 
 
 # ----------------------------------------------------------------------------------------------------- directories
@@ -449,19 +492,16 @@ def render_directory_card(directory: str | os.PathLike, repo_id: str | None = No
     directory = Path(directory)
     extra = {"eval_results": list(eval_results)} if eval_results else {}
     if (directory / "adapter_config.json").is_file():
-        from peft import PeftConfig
-
-        from . import moh  # noqa: F401  (registers the MoH PEFT type, so its adapter config loads)
-
-        peft_config = PeftConfig.from_pretrained(str(directory))
+        # read as JSON, not through PeftConfig: no method (MoH) needs to be imported to describe its adapter
+        peft_config = json.loads((directory / "adapter_config.json").read_text(encoding="utf-8"))
         params = _safetensors_parameters(sorted(directory.glob("adapter_model*.safetensors")))
         return render_adapter_card(peft_config, num_parameters=params, repo_id=repo_id, extra_info=extra)
     if not (directory / "config.json").is_file():
         raise HFKanConfigError(f"{directory} holds neither config.json nor adapter_config.json: nothing to describe")
     from transformers import AutoConfig
 
-    from . import models  # noqa: F401  (registers kat / karat with AutoConfig)
-
+    # kat / karat are registered with AutoConfig by ``import hf_kan`` (hf_kan._registration), which ran before this
+    # module: importing hf_kan.models here would close an import cycle (the modeling files import this module)
     config = AutoConfig.from_pretrained(str(directory))
     if extra.get("eval_results"):
         earlier = (getattr(config, CARD_INFO_ATTR, None) or {}).get("eval_results") or []
@@ -470,6 +510,71 @@ def render_directory_card(directory: str | os.PathLike, repo_id: str | None = No
     params = _safetensors_parameters(sorted(directory.glob("*.safetensors")))
     return render_config_card(config, architecture=architecture, num_parameters=params, repo_id=repo_id,
                               extra_info=extra)
+
+
+def saved_card(directory: str | os.PathLike) -> Any | None:
+    """The ``huggingface_hub.ModelCard`` in ``directory/README.md`` if it is an hf-kan card (its front matter tags
+    ``hf-kan``), else ``None`` (no README, PEFT's or Transformers' generic one, or unreadable front matter)."""
+    import yaml
+    from huggingface_hub import ModelCard
+
+    path = Path(directory) / "README.md"
+    if not path.is_file():
+        return None
+    try:
+        card = ModelCard.load(path)
+    except (ValueError, yaml.YAMLError):
+        return None
+    return card if "hf-kan" in (card.data.tags or []) else None
+
+
+def _eval_key(result: EvalResult) -> tuple:
+    return (result.task_type, result.dataset_type, result.dataset_split, result.metric_type, result.metric_config)
+
+
+def _add_to_evaluation_section(text: str, block: str) -> str:
+    """``text`` (a card body) with ``block`` at the end of its ``## Evaluation`` section (replacing the sentence
+    saying there are no results), or as a new section at the end."""
+    text = text.replace("No evaluation results are recorded for this checkpoint.\n\n", "")
+    start = text.find("\n## Evaluation\n")
+    if start < 0:
+        return text.rstrip("\n") + "\n\n## Evaluation\n\n" + block + "\n"
+    end = text.find("\n## ", start + 1)
+    end = len(text) if end < 0 else end
+    return text[:end].rstrip("\n") + "\n\n" + block + "\n" + text[end:]
+
+
+def update_saved_card(card: Any, repo_id: str, *,
+                      eval_results: Sequence[dict[str, Any]] | None = None) -> str:
+    """README.md text of a saved hf-kan ``card`` (a ``ModelCard``, see :func:`saved_card`) for upload to ``repo_id``:
+    its body kept as it is (a trained card's training and metrics sections, any hand edits), the local placeholder
+    locations in its usage code replaced by ``repo_id``, and ``eval_results`` (rows of
+    :func:`eval_results_from_runner`) merged into its ``model-index`` (replacing earlier results of the same task,
+    split, metric and patch setting) and added to its Evaluation section."""
+    text = card.text
+    for placeholder in (LOCAL_MODEL_LOCATION, LOCAL_ADAPTER_LOCATION):
+        text = text.replace(f'"{placeholder}"', f'"{repo_id}"')
+    if eval_results:
+        new = _eval_result_objects({"eval_results": list(eval_results)}, card.data.pipeline_tag)
+        keys = {_eval_key(r) for r in new}
+        card.data.eval_results = [r for r in card.data.eval_results or [] if _eval_key(r) not in keys] + new
+        if not card.data.model_name:  # model-index entries need a name
+            heading = re.search(r"^# (.+)$", text, flags=re.MULTILINE)
+            card.data.model_name = heading.group(1).strip() if heading else repo_id.rsplit("/", 1)[-1]
+        text = _add_to_evaluation_section(text, _eval_rows_table(eval_results))
+    card.text = text
+    return card.content
+
+
+def upload_card(directory: str | os.PathLike, repo_id: str, *,
+                eval_results: Sequence[dict[str, Any]] | None = None) -> str:
+    """The README.md that :func:`push_directory` uploads for ``directory``: its own hf-kan card, updated by
+    :func:`update_saved_card`, when it has one (what ``save_pretrained`` of a KAT / KArAt model, ``hf-kan train``
+    and ``hf-kan moh-tune`` wrote); else the card :func:`render_directory_card` renders from its config."""
+    card = saved_card(directory)
+    if card is None:
+        return render_directory_card(directory, repo_id=repo_id, eval_results=eval_results)
+    return update_saved_card(card, repo_id, eval_results=eval_results)
 
 
 def _repo_files(directory: Path) -> list[tuple[str, Path]]:
@@ -490,7 +595,8 @@ def push_directory(directory: str | os.PathLike, repo_id: str, *, eval_results: 
                    card: str | None = None, private: bool | None = None, token: bool | str | None = None,
                    revision: str | None = None, commit_message: str | None = None, create_pr: bool = False) -> Any:
     """Upload the saved model / adapter ``directory`` to the Hub repo ``repo_id`` (created if needed) in one commit,
-    with the hf-kan card (:func:`render_directory_card`, or ``card``) as README.md. Returns the ``CommitInfo``.
+    with its hf-kan card as README.md (:func:`upload_card`: the directory's own hf-kan card, ``eval_results`` merged
+    in, else one rendered from its config; or ``card``). Returns the ``CommitInfo``.
 
     The Hub is ``HF_ENDPOINT`` (default huggingface.co); ``token`` defaults to the logged-in token.
     """
@@ -499,7 +605,7 @@ def push_directory(directory: str | os.PathLike, repo_id: str, *, eval_results: 
     directory = Path(directory)
     api = HfApi()
     repo_id = api.create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
-    text = card if card is not None else render_directory_card(directory, repo_id=repo_id, eval_results=eval_results)
+    text = card if card is not None else upload_card(directory, repo_id, eval_results=eval_results)
     operations = [CommitOperationAdd(path_in_repo=rel, path_or_fileobj=str(path)) for rel, path in
                   _repo_files(directory)]
     operations.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=text.encode("utf-8")))
@@ -526,6 +632,8 @@ def push_to_hub(obj: Any, repo_id: str, *, processor: Any = None,
             obj.save_pretrained(tmp, max_shard_size=max_shard_size)
         if processor is not None:
             processor.save_pretrained(tmp)
+        # rendered afresh from the object's config (titled after repo_id), not kept from what save_pretrained wrote
+        Path(tmp, "README.md").unlink(missing_ok=True)
         return push_directory(tmp, repo_id, eval_results=eval_results, **push_kwargs)
 
 
@@ -607,8 +715,10 @@ def add_subparser(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "push", help="upload a saved hf-kan model, patched VLM or MoH adapter with its model card",
         description="Upload a saved model directory (KAT, KArAt, a patched vision-language model) or PEFT adapter "
-                    "directory (MoH) to the Hugging Face Hub in one commit, with a README.md rendered by hf-kan "
-                    "(what it is, how to install and load it, active patches, evaluation results, citations). "
+                    "directory (MoH) to the Hugging Face Hub in one commit, with its hf-kan README.md: the one "
+                    "saved in the directory (hf-kan train, moh-tune, save_pretrained), with --eval-results merged "
+                    "in, else one rendered from its config (what it is, how to install and load it, active "
+                    "patches, evaluation results, citations). "
                     "The Hub is $HF_ENDPOINT (default huggingface.co).")
     parser.add_argument("directory", help="the saved directory (save_pretrained output)")
     parser.add_argument("repo_id", help="target repository, e.g. user/name (created if needed)")
@@ -634,6 +744,9 @@ __all__ = [
     "render_config_card",
     "render_directory_card",
     "render_model_card",
+    "saved_card",
     "set_model_card_info",
+    "update_saved_card",
+    "upload_card",
     "write_model_card",
 ]

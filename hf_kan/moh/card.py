@@ -1,31 +1,20 @@
-"""The model card (``README.md``) of an MoH adapter: hf-kan's template ``model_cards/moh.md``, not PEFT's blank one.
+"""What the model card (``README.md``) of an MoH adapter says beyond hf-kan's generic adapter card.
 
-Front matter: ``library_name: peft``, ``pipeline_tag: text-generation``, tags, license and, when the base model is a
-Hub id, ``base_model``. Body: the method and its head split (:func:`moh_method_table`), how to load the adapter
-(``AutoPeftModelForCausalLM`` and ``PeftModel.from_pretrained``), how it was trained and its validation / test
-figures. The template's placeholders are those of hf-kan's other adapter cards (``title``, ``repo_id``,
-``base_model_text``, ``num_parameters``, ``usage``, ``metrics_table``, ``citations``, ``hf_kan_version``,
-``license``) plus ``method_table`` and ``training``.
+The card is rendered by :func:`hf_kan.hub.render_adapter_card` from ``model_cards/moh.md`` (front matter, usage,
+config table, citation from ``model_cards/citations/moh.bib``, ``model-index``); this module supplies the parts only
+MoH knows: the method table (:func:`moh_method_table`: router, head split, active-head ratio) and, for an adapter
+trained by ``hf-kan moh-tune``, how it was trained and its validation / test figures (:func:`trained_card_parts`).
+Dependencies go one way: this module imports :mod:`hf_kan.hub`, never the reverse.
 """
 
 from __future__ import annotations
 
 import os
-from string import Template
 from typing import Any
 
-from huggingface_hub import ModelCardData
+from ..hub import render_adapter_card
+from .layer import MoHLayer
 
-from ..hub import DEFAULT_LICENSE, load_template
-
-MOH_CITATION = """```bibtex
-@article{jin2024moh,
-  title   = {MoH: Multi-Head Attention as Mixture-of-Head Attention},
-  author  = {Peng Jin and Bo Zhu and Li Yuan and Shuicheng Yan},
-  journal = {arXiv preprint arXiv:2410.11842},
-  year    = {2024}
-}
-```"""
 ROUTER_DESCRIPTIONS = {
     "query_norm": "`query_norm`: parameter-free; routed heads are scored by the L2 norm of their query (the "
     "continue-tuning router of MoH-LLaMA3); 0/1 gates with a straight-through gradient",
@@ -83,17 +72,14 @@ def _metrics_table(metrics: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def render_adapter_card(peft_model: Any, *, args: Any, metrics: dict[str, Any], repo_id: str | None = None) -> str:
-    """README.md of the adapter of ``peft_model`` trained by ``hf-kan moh-tune`` (``args``: its
-    ``MoHTuneArguments``, ``metrics``: what it returned)."""
-    from .. import __version__
-    from .layer import MoHLayer
+def trained_card_parts(peft_model: Any, *, args: Any, metrics: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
+    """``(extra_info, fields)`` for :func:`hf_kan.hub.render_adapter_card` of the adapter of ``peft_model`` trained by
+    ``hf-kan moh-tune`` (``args``: its ``MoHTuneArguments``, ``metrics``: what it returned).
 
+    ``extra_info``: the title, the extra tags and, when there is a test split, the test loss and perplexity (they
+    become ``model-index`` results). ``fields``: ``method_table``, ``training`` and ``metrics_table``.
+    """
     config = peft_model.peft_config["default"]
-    base = config.base_model_name_or_path
-    is_hub_id = bool(base) and not os.path.isabs(base) and not os.path.exists(base)
-    base_text = f"[`{base}`](https://huggingface.co/{base})" if is_hub_id else f"the base model `{base}`"
-    location = repo_id or args.output_dir
     data = "the embedded corpus (`hf_kan/data/moh_corpus.txt`)" if args.dataset is None else f"`{args.dataset}`"
     if args.dataset is not None and args.data_files:
         data += f" (files `{args.data_files}`)"
@@ -103,50 +89,39 @@ def render_adapter_card(peft_model: Any, *, args: Any, metrics: dict[str, Any], 
         f"blocks of {args.seq_len} tokens per process and step), loss = LM loss + `moh_aux_loss`. The adapter with "
         f"the lowest validation loss (step {metrics['best_step']}) was kept; the test split was evaluated once, on it."
     )
-    usage = "\n".join([
-        "```python",
-        "import hf_kan  # registers PeftType.MOH with PEFT",
-        "from peft import AutoPeftModelForCausalLM, PeftModel",
-        "from transformers import AutoModelForCausalLM",
-        "",
-        f'model = AutoPeftModelForCausalLM.from_pretrained("{location}")  # loads the base model too',
-        "# or on a base model you load yourself:",
-        f'model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("{base}"), "{location}")',
-        "```",
-    ])  # fmt: skip
+    info: dict[str, Any] = {
+        "model_name": f"MoH adapter for {os.path.basename(str(config.base_model_name_or_path))}",
+        "tags": ["mixture-of-head"] + (["lora"] if config.lora_config else []),
+    }
+    if metrics.get("test_loss") is not None:
+        info.update(metrics={"test_loss": metrics["test_loss"], "test_perplexity": metrics["test_perplexity"]},
+                    metrics_dataset=args.dataset or "hf_kan/data/moh_corpus.txt",
+                    metrics_source="measured by hf-kan moh-tune")
     fields = {
-        "title": repo_id.rsplit("/", 1)[-1] if repo_id else f"MoH adapter for {os.path.basename(str(base))}",
-        "repo_id": location,
-        "base_model_text": base_text,
-        "num_parameters": f"{sum(p.numel() for p in peft_model.parameters() if p.requires_grad):,}",
         "method_table": moh_method_table(
             config,
             _num_heads(peft_model.get_base_model().config),
             sum(isinstance(m, MoHLayer) for m in peft_model.modules()),
         ),
-        "usage": usage,
         "training": training,
         "metrics_table": _metrics_table(metrics),
-        "citations": MOH_CITATION,
-        "hf_kan_version": __version__,
-        "license": DEFAULT_LICENSE,
     }
-    front = ModelCardData(
-        library_name="peft",
-        pipeline_tag="text-generation",
-        tags=["hf-kan", "peft", "moh", "mixture-of-head"] + (["lora"] if config.lora_config else []),
-        license=DEFAULT_LICENSE,
-        base_model=base if is_hub_id else None,
-    )
-    return "---\n" + front.to_yaml() + "\n---\n" + Template(load_template("moh")).substitute(fields)
+    return info, fields
 
 
-def write_adapter_card(peft_model: Any, output_dir: str, **kwargs: Any) -> str:
-    """Write :func:`render_adapter_card` to ``output_dir/README.md`` (replacing PEFT's template); returns the path."""
+def write_adapter_card(peft_model: Any, output_dir: str, *, args: Any, metrics: dict[str, Any],
+                       repo_id: str | None = None) -> str:
+    """Write the hf-kan card of an adapter trained by ``hf-kan moh-tune`` to ``output_dir/README.md`` (replacing
+    PEFT's blank template): :func:`hf_kan.hub.render_adapter_card` with :func:`trained_card_parts`. Returns the
+    path."""
+    info, fields = trained_card_parts(peft_model, args=args, metrics=metrics)
+    num_parameters = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+    text = render_adapter_card(peft_model.peft_config["default"], num_parameters=num_parameters, repo_id=repo_id,
+                               extra_info=info, fields=fields)
     path = os.path.join(output_dir, "README.md")
     with open(path, "w", encoding="utf-8") as handle:
-        handle.write(render_adapter_card(peft_model, **kwargs))
+        handle.write(text)
     return path
 
 
-__all__ = ["moh_method_table", "render_adapter_card", "write_adapter_card"]
+__all__ = ["moh_method_table", "trained_card_parts", "write_adapter_card"]

@@ -8,8 +8,9 @@ set without a validation split gets one carved from train; the test split (if an
 - Rows that already carry a ``pixel_values`` array (the embedded digits, or a data set preprocessed offline) are
   used as they are and held in memory as one tensor (fast batching).
 - Rows with images are preprocessed on the fly by an image processor: the one given, the one saved with a
-  pretrained model, or a default ``ViTImageProcessorPil`` (bilinear resize to the model's image size, rescale to
-  [0, 1], normalise with mean = std = 0.5).
+  pretrained model, or a default ``HFKanViTImageProcessor`` (Transformers' ``ViTImageProcessorPil`` registered for
+  the PIL backend only: bilinear resize to the model's image size, rescale to [0, 1], normalise with
+  mean = std = 0.5), which reloads with the same PIL pixels whether or not torchvision is installed.
 
 The image processor is saved with the trained model, so its directory works with ``AutoImageProcessor`` and
 ``pipeline("image-classification")``. For the embedded digits that is the default processor, which turns a digit
@@ -71,11 +72,13 @@ def collate_classification(rows: list[dict[str, Any]]) -> dict[str, torch.Tensor
 
 
 def default_image_processor(image_size: int, num_channels: int) -> Any:
-    """A ``ViTImageProcessorPil``: bilinear resize to ``image_size``, x / 255, (x - 0.5) / 0.5 per channel
-    (grey images converted to RGB first when ``num_channels`` is 3)."""
-    from transformers import ViTImageProcessorPil
+    """A :class:`~hf_kan.models.image_processing.HFKanViTImageProcessor` (``ViTImageProcessorPil``, registered for
+    the PIL backend only): PIL bilinear resize to ``image_size``, x / 255, (x - 0.5) / 0.5 per channel (grey images
+    converted to RGB first when ``num_channels`` is 3). Saved with the model, it reloads through
+    ``AutoImageProcessor`` / ``pipeline`` as the same PIL processor even where torchvision is installed."""
+    from ..models.image_processing import HFKanViTImageProcessor
 
-    return ViTImageProcessorPil(
+    return HFKanViTImageProcessor(
         do_resize=True,
         size={"height": image_size, "width": image_size},
         resample=2,  # PIL bilinear

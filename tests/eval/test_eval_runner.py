@@ -46,6 +46,48 @@ def test_patch_setting_text_forms():
             PatchSetting.parse(bad)
 
 
+def test_patch_settings_follow_the_patch_registry():
+    from dataclasses import dataclass
+
+    from hf_kan.eval import settings
+    from hf_kan.patches import registry
+    from hf_kan.patches.engine.runtime import PatchRuntime
+
+    assert settings.PATCH_NAMES == registry.names() == ("mma", "var", "prune", "dyvte")
+
+    @dataclass
+    class ExtraConfig:
+        strength: float = 1.0
+
+    registry.register(registry.PatchSpec(name="extra", config_class=ExtraConfig, runtime_class=PatchRuntime))
+    try:
+        assert settings.PATCH_NAMES[-1] == "extra"
+        s = PatchSetting.parse('extra={"strength":2},prune=fastv')
+        assert s.extra == {"text": 'extra={"strength":2},prune=fastv'}  # the notes field, not the patch
+        assert s.patches == {"extra": {"strength": 2}, "prune": "fastv"} and s.prune == "fastv" and s.var is None
+        assert s.patch_arguments({}) == {"mma": False, "var": False, "prune": "fastv", "dyvte": False,
+                                         "extra": {"strength": 2}}
+        assert PatchSetting.off().as_dict() == {"name": "off", **dict.fromkeys(settings.PATCH_NAMES, False)}
+    finally:
+        registry.unregister("extra")
+    with pytest.raises(HFKanConfigError, match="keys in"):
+        PatchSetting.parse("extra=true")
+    with pytest.raises(HFKanConfigError, match="unknown patches"):
+        PatchSetting(name="x", extra_patch=True)
+    with pytest.raises(AttributeError):
+        PatchSetting().no_such_patch  # noqa: B018
+
+
+def test_importing_the_settings_module_loads_neither_torch_nor_the_patches():
+    import subprocess
+
+    code = ("import sys; import hf_kan.eval.settings as s; "
+            "print(sorted(m for m in ('torch', 'transformers', 'hf_kan.patches') if m in sys.modules)); "
+            "print(s.PatchSetting().name, s.split_pairs('a=1,b={\"x\":[1,2]}'))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
+    assert out.stdout.splitlines() == ["[]", "checkpoint ['a=1', 'b={\"x\":[1,2]}']"]
+
+
 # ----------------------------------------------------------------------------------------------------- generate
 
 

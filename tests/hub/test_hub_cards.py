@@ -147,3 +147,68 @@ def test_adapter_card_without_a_method_template_uses_the_generic_one():
     assert "1,234 adapter parameters" in card.text and "`r` | `4`" in card.text
     local = ModelCard(hub.render_adapter_card(LoraConfig(base_model_name_or_path="/some/local/dir"), num_parameters=1))
     assert local.data.base_model is None and "`/some/local/dir`" in local.text  # a local path is no Hub base model
+
+
+def test_moh_adapter_card_is_rendered_by_the_hub_with_the_method_parts_from_moh():
+    from huggingface_hub import ModelCard
+
+    from hf_kan.moh import MoHConfig
+    from hf_kan.moh.card import moh_method_table
+
+    config = MoHConfig(task_type="CAUSAL_LM", base_model_name_or_path="org/base")
+    # without MoH's parts (what `hf-kan push` of a bare adapter directory renders): every placeholder still filled
+    plain = ModelCard(hub.render_adapter_card(config.to_dict(), num_parameters=10))
+    assert plain.data.library_name == "peft" and plain.data.pipeline_tag == "text-generation"
+    assert plain.data.base_model == "org/base" and {"hf-kan", "peft", "moh"} <= set(plain.data.tags)
+    assert "Mixture-of-Head attention (MoH)" in plain.text and "| `router` | `'query_norm'` |" in plain.text
+    assert plain.text.count("@article{jin2024moh,") == 1 and hub.citation("moh") in plain.text
+    assert "How this adapter was trained was not recorded." in plain.text and "${" not in plain.text
+    # with them: the same card, the method section and training text replaced
+    table = moh_method_table(config, 4, 2)
+    card = ModelCard(hub.render_adapter_card(config, num_parameters=10, repo_id="me/moh",
+                                             fields={"method_table": table, "training": "Tuned for 3 steps."}))
+    assert table in card.text and "Tuned for 3 steps." in card.text and "not recorded" not in card.text
+    assert 'AutoPeftModelForCausalLM.from_pretrained("me/moh")' in card.text
+    assert 'AutoModelForCausalLM.from_pretrained("org/base")' in card.text
+    assert "| active heads per token | 3 of 4 (75%) |" in card.text and "${" not in card.text
+
+
+def test_the_hub_module_imports_no_method_nor_model_family():
+    """hub.py imports only hf_kan.errors from hf-kan, counting imports inside functions (issue 11: a lazy import
+    that closes a cycle is still a cycle; moh.card and the modeling files import hub)."""
+    import ast
+
+    tree = ast.parse(open(hub.__file__, encoding="utf-8").read())
+    own = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.level:
+            own |= {f"hf_kan.{node.module}" if node.module else f"hf_kan.{a.name}" for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("hf_kan"):
+            own.add(node.module)
+        elif isinstance(node, ast.Import):
+            own |= {a.name for a in node.names if a.name.startswith("hf_kan")}
+    assert own == {"hf_kan.errors"}
+
+
+def test_a_saved_model_card_is_kept_for_upload_with_eval_results_merged(tmp_path):
+    from huggingface_hub import ModelCard
+
+    model = tiny_kat()
+    hub.set_model_card_info(model, training="Trained for 7 steps.", metrics={"accuracy": 0.9},
+                            metrics_dataset="digits")
+    model.save_pretrained(tmp_path)
+    (tmp_path / "README.md").write_text((tmp_path / "README.md").read_text() + "\nA note added by hand.\n")
+    row = {"task": "hf_kan_digits", "split": "test", "setting": "off", "metric": "answer_accuracy", "value": 0.5,
+           "num_samples": 4}
+    card = ModelCard(hub.upload_card(tmp_path, "me/kat", eval_results=[row]))
+    assert "Trained for 7 steps." in card.text and "A note added by hand." in card.text
+    assert 'AutoModelForImageClassification.from_pretrained("me/kat")' in card.text
+    assert "path/to/this/model" not in card.text
+    assert "| hf_kan_digits | test | `off` | answer_accuracy | 0.5 | 4 |" in card.text.split("## Evaluation")[1]
+    assert sorted((r.dataset_name, r.metric_type, r.metric_value) for r in card.data.eval_results) == [
+        ("digits", "accuracy", 0.9), ("hf_kan_digits", "answer_accuracy", 0.5)]
+    # the same result pushed again replaces its earlier entry instead of adding a second one
+    (tmp_path / "README.md").write_text(str(card))
+    again = ModelCard(hub.upload_card(tmp_path, "me/kat", eval_results=[{**row, "value": 0.75}]))
+    assert sorted((r.metric_type, r.metric_value) for r in again.data.eval_results) == [
+        ("accuracy", 0.9), ("answer_accuracy", 0.75)]

@@ -155,3 +155,75 @@ def test_hf_kan_push_patched_vlm_with_eval_results(hub, run_against_hub, tmp_pat
     again = Runner(loaded, runner.processor, batch_size=4, max_new_tokens=1)  # answers as it did before the upload
     answers = again.generate(task_samples("hf_kan_digits", limit=4))
     assert [g.text for g in answers] == [r["prediction"] for r in results[1].samples]
+
+
+def trained_moh_directory(path: Path) -> dict:
+    """A saved MoH adapter directory as ``hf-kan moh-tune`` leaves it (base model, adapter, its card written by the
+    trainer's card writer), without training: returns the metrics the card was written with."""
+    from peft import get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from hf_kan.moh import MoHConfig
+    from hf_kan.moh.card import write_adapter_card
+    from hf_kan.moh.train import MoHTuneArguments
+
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2))
+    base.save_pretrained(path / "base_model")
+    base.name_or_path = base.config.name_or_path = str((path / "base_model").resolve())
+    lora = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]}
+    peft_model = get_peft_model(base, MoHConfig(task_type="CAUSAL_LM", lora_config=lora))
+    peft_model.save_pretrained(path)
+    metrics = {"steps": 3, "num_processes": 1, "best_step": 2, "validation_source": "split 'validation'",
+               "validation_loss": 3.125, "validation_perplexity": 22.76, "validation_blocks": 4,
+               "test_source": "split 'test'", "test_loss": 3.25, "test_perplexity": 25.79, "test_blocks": 5}
+    write_adapter_card(peft_model, str(path), args=MoHTuneArguments(output_dir=str(path)), metrics=metrics)
+    return metrics
+
+
+def test_hf_kan_push_keeps_the_trained_moh_card_and_merges_eval_results(hub, run_against_hub, tmp_path):
+    adapter_dir = tmp_path / "moh"
+    metrics = trained_moh_directory(adapter_dir)
+    saved = (adapter_dir / "README.md").read_text()
+    results = {"results": [{"task": "hf_kan_digits", "split": "test", "setting": {"name": "checkpoint"},
+                            "num_samples": 8, "metrics": {"answer_accuracy": 0.375, "prefill_seconds": 0.2}}]}
+    (tmp_path / "results.json").write_text(json.dumps(results))
+
+    run_against_hub(["-m", "hf_kan.cli", "push", str(adapter_dir), "tester/moh-trained",
+                     "--eval-results", str(tmp_path / "results.json")])
+    files = hub.repos["tester/moh-trained"]
+    assert {"README.md", "adapter_config.json", "adapter_model.safetensors", "base_model/config.json"} <= set(files)
+    got = received(hub, "tester/moh-trained", tmp_path / "got")
+    card = ModelCard.load(got / "README.md")
+    # the trainer's sections arrive as written: method table, training, validation / test figures
+    for section in ("## Method", "| heads per attention block | 4: 2 shared (always on) + top 1 of 2 routed |",
+                    "## Training", "Continue-tuned with `hf-kan moh-tune`", "| validation (split 'validation') | "
+                    "3.1250 | 22.76 | 4 | selected on this split |", "| test (split 'test') | 3.2500 | 25.79 |"):
+        assert section in saved and section in card.text, section
+    assert card_body(saved).split("## Evaluation")[0].replace("path/to/this/adapter", "tester/moh-trained") == \
+        card.text.split("## Evaluation")[0]  # only the load location changed above the Evaluation section
+    assert 'AutoPeftModelForCausalLM.from_pretrained("tester/moh-trained")' in card.text
+    # model-index: the trained test figures and the eval result (timings left out)
+    assert sorted((r.metric_type, r.metric_value) for r in card.data.eval_results) == [
+        ("answer_accuracy", 0.375), ("test_loss", metrics["test_loss"]),
+        ("test_perplexity", metrics["test_perplexity"])]
+    assert "| hf_kan_digits | test | `checkpoint` | answer_accuracy | 0.375 | 8 |" in card.text
+    assert card.data.library_name == "peft" and {"hf-kan", "moh", "lora"} <= set(card.data.tags)
+
+
+def test_generic_or_missing_readme_is_rendered_and_hf_kan_card_kept(tmp_path):
+    from hf_kan import hub as hf_kan_hub
+
+    adapter_dir = tmp_path / "moh"
+    trained_moh_directory(adapter_dir)
+    kept = hf_kan_hub.upload_card(adapter_dir, "me/moh")
+    assert "## Training" in kept and "Continue-tuned" in kept and 'from_pretrained("me/moh")' in kept
+    # PEFT's blank template (no hf-kan tag) is replaced by a card rendered from adapter_config.json
+    (adapter_dir / "README.md").write_text("---\nlibrary_name: peft\ntags:\n- lora\n---\n# Model Card\n\n"
+                                           "[More Information Needed]\n")
+    rendered = ModelCard(hf_kan_hub.upload_card(adapter_dir, "me/moh"))
+    assert {"hf-kan", "moh"} <= set(rendered.data.tags) and "More Information Needed" not in rendered.text
+    assert "How this adapter was trained was not recorded." in rendered.text and "${" not in rendered.text
+    (adapter_dir / "README.md").unlink()
+    assert hf_kan_hub.upload_card(adapter_dir, "me/moh") == str(rendered)

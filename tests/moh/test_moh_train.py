@@ -12,6 +12,7 @@ import sys
 
 import pytest
 import torch
+from huggingface_hub import ModelCard
 from peft import AutoPeftModelForCausalLM, PeftModel
 from transformers import AutoTokenizer, LlamaForCausalLM
 
@@ -54,6 +55,11 @@ def check_output_dir(path, steps: int, processes: int) -> dict:
     assert "| heads per attention block | 4: 2 shared (always on) + top 1 of 2 routed |" in card
     assert "AutoPeftModelForCausalLM.from_pretrained" in card and f"{metrics['test_loss']:.4f}" in card
     assert "${" not in card and "[More Information Needed]" not in card  # no unfilled template, not PEFT's blank
+    parsed = ModelCard.load(path / "README.md")  # rendered by hf_kan.hub: citation from moh.bib, test figures indexed
+    assert parsed.data.pipeline_tag == "text-generation" and {"hf-kan", "moh", "lora"} <= set(parsed.data.tags)
+    assert {(r.metric_type, r.metric_value) for r in parsed.data.eval_results} == {
+        ("test_loss", metrics["test_loss"]), ("test_perplexity", metrics["test_perplexity"])}
+    assert "@article{jin2024moh," in card and "| `router` | `'query_norm'` |" in card
     return metrics
 
 

@@ -1,8 +1,9 @@
 """KArAt: ViT with learnable Fourier-KAN attention, registered with the Transformers Auto classes.
 
 Importing this package registers ``model_type="karat"`` with ``AutoConfig``, ``AutoModel`` and
-``AutoModelForImageClassification`` (idempotent), and the presets ``"karat-{tiny,small,base}-{g3b,g3u,g1b}"``
-(patch 16, 224 px; G = number of Fourier frequencies, B = blockwise, U = universal operator sharing).
+``AutoModelForImageClassification``, ``HFKanViTImageProcessor`` with ``AutoImageProcessor`` (PIL only; idempotent),
+and the presets ``"karat-{tiny,small,base}-{g3b,g3u,g1b}"`` (patch 16, 224 px; G = number of Fourier frequencies,
+B = blockwise, U = universal operator sharing).
 """
 
 from __future__ import annotations
@@ -10,8 +11,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from transformers import AutoConfig, AutoModel, AutoModelForImageClassification
+from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelForImageClassification
 
+from ..image_processing import HFKanViTImageProcessor
 from ..presets import register_preset
 from ..vit_config import VIT_SHAPES, vit_preset_kwargs
 from .configuration_karat import KArAtConfig
@@ -20,6 +22,9 @@ from .modeling_karat import KArAtForImageClassification, KArAtModel, KArAtPreTra
 AutoConfig.register(KArAtConfig.model_type, KArAtConfig, exist_ok=True)
 AutoModel.register(KArAtConfig, KArAtModel, exist_ok=True)
 AutoModelForImageClassification.register(KArAtConfig, KArAtForImageClassification, exist_ok=True)
+# KArAt preprocesses like ViT. Registered for PIL only, and so found by name, hf-kan's trained models (KAT, KArAt or
+# ViT) save this processor: AutoImageProcessor never swaps in the torchvision backend (hf_kan.models.image_processing)
+AutoImageProcessor.register(KArAtConfig, image_processor_classes={"pil": HFKanViTImageProcessor}, exist_ok=True)
 
 # name -> (hidden_size, num_hidden_layers, num_attention_heads): the ViT-T/S/B shapes of the paper.
 KARAT_SIZES: dict[str, tuple[int, int, int]] = {f"karat-{size}": shape for size, shape in VIT_SHAPES.items()}
