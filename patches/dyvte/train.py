@@ -16,7 +16,7 @@ Exit labels come from the frozen model (methods.md section 6). For each sample w
 
 The router input is read from the full forward at layer ``l``'s output (identical to the exited run up to there),
 at the last PROMPT token (the token before the first answer token), with the text mean over the prompt's text after
-the image. Only the routers train (2-class cross-entropy on detached features); every model weight is frozen. DyVTE
+the image and before that token (the authors' features). Only the routers train (2-class cross-entropy on detached features); every model weight is frozen. DyVTE
 and pruning are switched off while labels are made. Outputs: ``save_pretrained`` of the model with its routers and
 the ``dyvte`` config (reload with ``hf_kan.patches.from_pretrained``) and ``metrics.json``.
 

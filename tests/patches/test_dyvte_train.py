@@ -115,7 +115,8 @@ def test_exit_examples_match_an_independent_masked_forward(tiny):
         for key in ("label", "agreement", "exit_loss", "full_loss"):
             torch.testing.assert_close(ex[key].view(3, 2)[:, j].to(stats[key].dtype), stats[key], rtol=1e-5,
                                        atol=1e-5)
-    # features: [mean of prompt text after the image ; last prompt token] of the full run at layer l's output
+    # features: [mean of the prompt text after the image, without the last prompt token ; last prompt token] of the
+    # full run at layer l's output (the authors' rule)
     first_answer = (batch["labels"] != IGN).int().argmax(-1)
     for b in range(3):
         for j in range(2):
@@ -124,7 +125,7 @@ def test_exit_examples_match_an_independent_masked_forward(tiny):
             ids = batch["input_ids"][b]
             last = int(first_answer[b]) - 1
             first_img = int((ids == 5).nonzero()[0])
-            text = [i for i in range(first_img + 1, last + 1) if int(ids[i]) != 5]
+            text = [i for i in range(first_img + 1, last) if int(ids[i]) != 5]
             want = torch.cat([h[text].mean(0), h[last]])
             torch.testing.assert_close(ex["features"].view(3, 2, -1)[b, j], want, rtol=1e-5, atol=1e-5)
 
