@@ -113,10 +113,10 @@ SETTINGS = [
     Setting("var", {"var": VAR}, checks=(_var_acted,)),
     Setting("prune", {"prune": PDROP}, checks=(_pruned,)),
     Setting("dyvte", {"dyvte": DYVTE}, mixed_exits=True, checks=(_samples_exited_at_different_layers,)),
-    # layers 0-1 hold everything, layer 2 the kept visual tokens, layer 3 text only
-    Setting("all", {"mma": MMA, "var": VAR, "prune": PRUNE, "dyvte": {**DYVTE, "force_exit_layer": 2}},
+    # layer 0 holds everything, layers 1 and 2 PDrop's kept visual tokens (ranked under MMA's mask), layer 3 text only
+    Setting("all", {"mma": MMA, "var": VAR, "prune": PDROP, "dyvte": {**DYVTE, "force_exit_layer": 2}},
             checks=(_mma_acted, _var_acted, _pruned, _exited_after(2))),
-    # pruning and a DyVTE exit both drop rows before layer 2
+    # FastV pruning and a DyVTE exit both drop rows before layer 2
     Setting("prune+dyvte", {"prune": PRUNE, "dyvte": {**DYVTE, "force_exit_layer": 1}},
             checks=(_pruned, _exited_after(1))),
 ]
