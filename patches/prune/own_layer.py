@@ -89,7 +89,7 @@ def own_layer_votes(state, layer_idx: int, hidden: torch.Tensor, kwargs: dict,
     b, t, _ = hidden.shape
     x = layer.input_layernorm(hidden)
     d = getattr(attn, "head_dim", None) or attn.q_proj.out_features // attn.config.num_attention_heads
-    query = attn.q_proj(x[:, rows]).view(b, rows.numel(), -1, d)
+    query = attn.q_proj(x[:, rows.to(x.device)]).view(b, rows.numel(), -1, d)
     key = attn.k_proj(x).view(b, t, -1, d)
     if hasattr(attn, "q_norm"):  # per-head q/k norms (Qwen3-style layers)
         query, key = attn.q_norm(query), attn.k_norm(key)
