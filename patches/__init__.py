@@ -12,6 +12,7 @@ from __future__ import annotations
 from . import registry  # noqa: F401  (registers the built-in patches; first: everything below reads the table)
 from .api import apply, detach, from_pretrained, status
 from .dyvte import DyVTEConfig
+from .dyvte.release import load_released_routers
 from .dyvte.runtime import exit_layers, mask_visual_after
 from .engine import backend
 from .engine.cache import HFKanCache
@@ -44,6 +45,7 @@ __all__ = [
     "find_sink_dims",
     "from_pretrained",
     "kept_token_grid",
+    "load_released_routers",
     "mask_visual_after",
     "padding_cache",
     "plot_kept_tokens",

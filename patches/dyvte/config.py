@@ -29,8 +29,10 @@ def _int_or_none(value, name: str, low: int = 0):
 @dataclass(frozen=True)
 class DyVTEConfig:
     """Dynamic visual-token exit: after decoder layer ``l`` a router reads ``[mean hidden state of the text after the
-    image ; hidden state of the last prompt token]`` and, at the first layer where ``p(exit) > threshold``, every
-    visual token leaves the hidden states and the caches of all later layers (text keeps its original positions).
+    image, excluding the last prompt token ; hidden state of the last prompt token]`` (the authors' features) and, at
+    the first layer where ``p(exit) > threshold``, every visual token leaves the hidden states and the caches of all
+    later layers (text keeps its original positions). Routers trained with the authors' code load with
+    ``hf_kan.patches.load_released_routers``.
 
     Args:
         threshold: exit when the router's ``p(exit)`` is strictly above it (0.5 reproduces the paper). In ``(0, 1)``.

@@ -74,10 +74,15 @@ class DyVTERouters(nn.Module):
 
 
 def router_features(hidden: torch.Tensor, layout: TokenLayout, last: torch.Tensor | None = None) -> torch.Tensor:
-    """``(B, 2h)`` router input from a layer's output ``hidden`` ``(B, T, h)`` whose rows have metadata ``layout``:
-    ``[mean over the real text rows after the sample's first visual row, up to and including its last prompt row ;
-    hidden state of the last prompt row]``. ``last`` ``(B,)`` gives the last prompt row (default: the last real
-    row). With no text after the image (or no image) the mean is replaced by the last prompt row's state."""
+    """``(B, 2h)`` router input from a layer's output ``hidden`` ``(B, T, h)`` whose rows have metadata ``layout``,
+    as the authors' release computes it:
+
+        f = [ mean of the real text rows after the sample's first visual row and BEFORE its last prompt row ;
+              hidden state of the last prompt row ]
+
+    ``last`` ``(B,)`` gives the last prompt row (default: the last real row). With no text between the image and the
+    last prompt row (or no image) the mean is replaced by the last prompt row's state (where the release would
+    average nothing)."""
     b, t, _ = hidden.shape
     idx = torch.arange(t, device=hidden.device)[None]
     valid = layout.valid.to(hidden.device)
@@ -88,7 +93,7 @@ def router_features(hidden: torch.Tensor, layout: TokenLayout, last: torch.Tenso
     if bool((last < 0).any()):
         raise InputLayoutError("DyVTE router features: a sample has no real token")
     first_visual = torch.where(visual, idx, t).min(-1).values
-    text = valid & ~visual & (idx > first_visual[:, None]) & (idx <= last[:, None])
+    text = valid & ~visual & (idx > first_visual[:, None]) & (idx < last[:, None])
     count = text.sum(-1, keepdim=True)
     last_state = hidden[torch.arange(b, device=hidden.device), last]
     mean = (hidden * text[..., None].to(hidden.dtype)).sum(1) / count.clamp(min=1).to(hidden.dtype)

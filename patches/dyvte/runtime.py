@@ -2,15 +2,15 @@
 
 After each configured decoder layer ``l`` a small router (``routers.py``) reads, per sample,
 
-    f_l = [ mean of the hidden states of the text tokens after the (first) image ; hidden state of the last prompt
-            token ]                                                                      (2h features, layer output)
+    f_l = [ mean of the hidden states of the text tokens after the (first) image, EXCLUDING the last prompt token ;
+            hidden state of the last prompt token ]                                      (2h features, layer output)
     p(exit) = softmax(W2 GELU(W1 f_l))[1]              W1: (r, 2h), W2: (2, r), no biases (authors: r = 2048)
 
-and at the first layer where ``p(exit) > threshold`` ALL of that sample's visual tokens leave:
-``engine.dropping.drop_visual`` removes them from the hidden states before layer ``l + 1`` and from the caches of
-layers ``l + 1 ..``; text keeps its original positions. "Text after the image" stops at the last prompt token (with
-teacher-forced answers the answer is excluded); a sample with no text after its image uses the last prompt token for
-both halves.
+(the features of the authors' release, so routers trained with their code load: ``release.py``) and at the first
+layer where ``p(exit) > threshold`` ALL of that sample's visual tokens leave: ``engine.dropping.drop_visual`` removes
+them from the hidden states before layer ``l + 1`` and from the caches of layers ``l + 1 ..``; text keeps its original
+positions. The text mean covers the tokens between the image and the last prompt token (with teacher-forced answers
+the answer is excluded too); a sample with no text there uses the last prompt token for both halves.
 
 Batches: every sample exits at its own layer. Rows of samples that exited earlier become empty (``-1``) slots,
 left-filled by the dropping mechanism, so a padded batch computes what each sample computes alone. Only forwards that

@@ -43,7 +43,7 @@ def collect_scores(model: nn.Module, inputs_list, stage: int = 0) -> list[torch.
     if cfg.prune is None:
         raise InputLayoutError("collect_scores needs pruning configured on the model: apply(model, prune=...) first")
     probe = PruneConfig(layers=cfg.prune.layers, keep_ratios=(1.0,) * len(cfg.prune.layers), scorer=cfg.prune.scorer,
-                        method="custom")
+                        score_layer=cfg.prune.score_layer, method="custom")
     out: list[torch.Tensor] = []
     try:
         apply(model, prune=probe)
@@ -62,12 +62,13 @@ def collect_scores(model: nn.Module, inputs_list, stage: int = 0) -> list[torch.
 def calibrate_trend(model: nn.Module, inputs_list, stage: int = 0, store: bool = True) -> float:
     """Fit the positional trend ``b`` of ``T(i) = exp(-b i)`` for ``model`` on a handful of calibration inputs (a list
     of model-input dicts; a few dozen images suffice) with ``debias.fit_trend`` on the stage-``stage`` scores. With
-    ``store`` the value is written into the model's pruning config (``prune.trend``), so ``save_pretrained`` keeps
-    it. Use calibration data, never the evaluation set."""
+    ``store`` the value is written into the model's pruning config (``prune.trend``, replacing a ``multiplier_b``),
+    so ``save_pretrained`` keeps it. Recency makes ``b`` negative (``prune.multiplier_b`` would be ``-b``). Use
+    calibration data, never the evaluation set."""
     b = fit_trend(collect_scores(model, inputs_list, stage))
     if store:
         cfg = PatchConfig.from_dict(getattr(model.config.get_text_config(), CONFIG_ATTRIBUTE, None)).prune
-        apply(model, prune=PruneConfig(**{**cfg.to_dict(), "trend": b}))
+        apply(model, prune=PruneConfig(**{**cfg.to_dict(), "trend": b, "multiplier_b": None}))
     return b
 
 
@@ -106,7 +107,7 @@ def _run(args: argparse.Namespace) -> int:
     inputs = calibration_inputs(processor, calibration_images(args.images, args.num_images), args.prompt)
     b = calibrate_trend(model, inputs, store=True)
     print(f"positional trend of {args.model_dir}: T(i) = exp(-b i) with b = {b:.6g} "
-          f"({len(inputs)} calibration images)")
+          f"({len(inputs)} calibration images; the paper's multiplier form is multiplier_b = {-b:.6g})")
     if args.save:
         model.config.save_pretrained(args.model_dir)
         print(f"stored prune={status(model)['patches']['prune']} in {args.model_dir}/config.json")

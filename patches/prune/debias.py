@@ -12,6 +12,12 @@ Attention-based importance scores are biased (1) by position: tokens late in the
   Padding exists for LLaVA-1.5 with expand-to-square (``LlavaImageProcessor(do_pad=True)``): the image is centred on
   a square of the mean colour, which normalises to ~0 in every channel. LLaVA-NeXT unpads its high-resolution grid
   in the model and resizes (does not pad) its base image, and Qwen2-VL/2.5-VL tile the real image only: a no-op there.
+
+  The padding of each patch is measured from the ORIGINAL image size (:func:`size_padding_fractions`, the geometry of
+  expand-to-square, as the authors' pad mask does from width and height) whenever the sizes are known. Measuring it
+  from the pixels (:func:`image_padding_fractions`, the fallback) under-counts: after the processor's bicubic resize
+  the one or two pixel rows at the inner edge of a padding band mix padding with ringing and count as real, so a
+  patch row that is mostly padding can come out below the threshold.
 """
 
 from __future__ import annotations
@@ -62,6 +68,35 @@ def image_padding_fractions(pixel_values: torch.Tensor, patch_size: int, tol: fl
     return out
 
 
+def size_padding_fractions(image_sizes, grid: int) -> torch.Tensor:
+    """``(N, grid, grid)`` fraction of each patch of each image that is expand-to-square padding, from the ORIGINAL
+    image sizes ``image_sizes`` (``(N, 2)``: height, width per image).
+
+    Expand-to-square pastes an ``h x w`` image at ``((S - w) // 2, (S - h) // 2)`` on an ``S x S`` square
+    (``S = max(h, w)``) and the square is resized to the model's input, so the real image covers rows
+    ``[y0, y0 + h] / S`` and columns ``[x0, x0 + w] / S`` of it, and patch ``(r, c)`` covers
+    ``[r, r + 1] / grid x [c, c + 1] / grid``. Its padding fraction is ``1 - share_r(r) * share_c(c)``, where
+    ``share_r(r) = grid * |[r, r + 1] / grid  intersected with  [y0, y0 + h] / S|`` (``share_c`` likewise)."""
+    sizes = torch.as_tensor(image_sizes)
+    if sizes.ndim != 2 or sizes.shape[-1] != 2 or sizes.is_floating_point() or bool((sizes <= 0).any()):
+        raise InputLayoutError(
+            f"image_sizes must be (height, width) pairs of positive integers, one per image; got {image_sizes!r}"
+        )
+    sizes = sizes.to(torch.float64)
+    h, w = sizes[:, 0], sizes[:, 1]
+    side = torch.maximum(h, w)
+    edges = torch.arange(grid + 1, dtype=torch.float64) / grid  # patch borders on the unit square
+
+    def share(length):  # (N, grid): the part of each patch row (column) inside the pasted image
+        start = torch.floor((side - length) / 2) / side
+        stop = start + length / side
+        lo = torch.maximum(edges[None, :-1], start[:, None])
+        hi = torch.minimum(edges[None, 1:], stop[:, None])
+        return (hi - lo).clamp(min=0) * grid
+
+    return (1.0 - share(h)[:, :, None] * share(w)[:, None, :]).float()
+
+
 def token_padding_fractions(layout, fractions: torch.Tensor) -> torch.Tensor:
     """``(B, T)`` padding fraction of every position of ``layout`` (0 for text and tokens off the grid), reading the
     per-image tables ``fractions`` (``(N, s, s)``, images in order of appearance over the batch, as LLaVA merges
@@ -74,6 +109,12 @@ def token_padding_fractions(layout, fractions: torch.Tensor) -> torch.Tensor:
     if bool(on_grid.any()) and int(global_img[on_grid].max()) >= fractions.shape[0]:
         raise InputLayoutError(
             f"padding suppression got fractions for {fractions.shape[0]} image(s) but the prompt has more images"
+        )
+    if bool(on_grid.any()) and (int(layout.row[on_grid].max()) >= fractions.shape[1]
+                                or int(layout.col[on_grid].max()) >= fractions.shape[2]):
+        raise InputLayoutError(
+            f"padding suppression got {tuple(fractions.shape[1:])} patch tables but the images have a larger token "
+            "grid; build the padding cache for this model (hf_kan.patches.padding_cache(model, ...))"
         )
     f = fractions.to(layout.row.device)
     g = global_img.clamp(min=0).clamp(max=f.shape[0] - 1)
@@ -116,4 +157,4 @@ def fit_trend(scores: list[torch.Tensor]) -> float:
 
 
 __all__ = ["PAD_TOLERANCE", "debias_scores", "fit_trend", "image_padding_fractions", "positional_trend",
-           "token_padding_fractions", "visual_index"]
+           "size_padding_fractions", "token_padding_fractions", "visual_index"]

@@ -11,7 +11,13 @@ import pytest
 import torch
 from hf_kan.patches.dyvte.data import collate, generate_samples, tiny_llava
 from hf_kan.patches.dyvte.routers import router_features, routers_of
-from hf_kan.patches.dyvte.train import exit_label, make_exit_examples, train_routers
+from hf_kan.patches.dyvte.train import (
+    evaluate_routers,
+    exit_label,
+    held_out_examples,
+    make_exit_examples,
+    train_routers,
+)
 
 import hf_kan  # noqa: F401
 from hf_kan import patches as P
@@ -115,7 +121,8 @@ def test_exit_examples_match_an_independent_masked_forward(tiny):
         for key in ("label", "agreement", "exit_loss", "full_loss"):
             torch.testing.assert_close(ex[key].view(3, 2)[:, j].to(stats[key].dtype), stats[key], rtol=1e-5,
                                        atol=1e-5)
-    # features: [mean of prompt text after the image ; last prompt token] of the full run at layer l's output
+    # features: [mean of the prompt text after the image, without the last prompt token ; last prompt token] of the
+    # full run at layer l's output (the authors' rule)
     first_answer = (batch["labels"] != IGN).int().argmax(-1)
     for b in range(3):
         for j in range(2):
@@ -124,7 +131,7 @@ def test_exit_examples_match_an_independent_masked_forward(tiny):
             ids = batch["input_ids"][b]
             last = int(first_answer[b]) - 1
             first_img = int((ids == 5).nonzero()[0])
-            text = [i for i in range(first_img + 1, last + 1) if int(ids[i]) != 5]
+            text = [i for i in range(first_img + 1, last) if int(ids[i]) != 5]
             want = torch.cat([h[text].mean(0), h[last]])
             torch.testing.assert_close(ex["features"].view(3, 2, -1)[b, j], want, rtol=1e-5, atol=1e-5)
 
@@ -154,17 +161,47 @@ def test_short_training_changes_only_the_routers(tiny):
     assert routers_of(model).routers["0"].fc2.weight.any()
 
 
+def test_routers_are_selected_on_validation_and_tested_once(tiny):
+    """Validation every step: the kept routers are the lowest-validation-loss step's (its loss re-measured on the
+    final routers), and the test metrics are those of the kept routers on the test examples."""
+    model, samples = tiny
+    P.apply(model, dyvte=False)
+    del model.hf_kan_dyvte
+    P.apply(model, dyvte={"router_hidden": 8})
+    rule = dict(agreement=0.5, loss_ratio=1.3)
+    train = torch.utils.data.DataLoader(samples[:2] * 3, batch_size=2, collate_fn=collate)
+    validation = [collate(samples[2:4])]
+    test = [collate(samples[4:6])]
+    metrics = train_routers(model, train, validation=validation, test=test, learning_rate=0.3, eval_steps=1,
+                            seed=0, **rule)
+    history = metrics["history"]
+    assert [h["step"] for h in history] == [1, 2, 3] and metrics["steps"] == 3
+    best = min(history, key=lambda h: h["validation_loss"])
+    assert metrics["best_step"] == best["step"] and metrics["validation_loss"] == best["validation_loss"]
+    assert len({round(h["validation_loss"], 6) for h in history}) > 1  # the steps really differed
+    routers = routers_of(model)
+    layers = len(routers.layers)  # held-out examples cover every router layer of each sample
+    val = held_out_examples(model, validation, seed=1, **rule)
+    assert val["layers"].tolist() == list(routers.layers) * 2
+    assert evaluate_routers(routers, val, "validation")["validation_loss"] == pytest.approx(best["validation_loss"])
+    tested = evaluate_routers(routers, held_out_examples(model, test, seed=2, **rule), "test")
+    assert metrics["test_loss"] == pytest.approx(tested["test_loss"]) and metrics["test_examples"] == 2 * layers
+    assert 0.0 <= metrics["test_accuracy"] <= 1.0 and metrics["selection"]["metric"] == "validation_loss"
+
+
 @pytest.mark.slow
 def test_cli_under_accelerate_launch_saves_reloadable_routers(tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--cpu",
            "-m", "hf_kan.patches.dyvte.train", "--output-dir", str(out), "--num-samples", "8", "--batch-size", "4",
-           "--learning-rate", "1e-2", "--router-hidden", "8"]
+           "--learning-rate", "1e-2", "--router-hidden", "8", "--num-test-samples", "2"]
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["steps"] == 2
+    assert metrics["steps"] == 2 and metrics["train_samples"] == 7  # 1 of the 8 samples held out for validation
+    assert metrics["best_step"] in (1, 2) and metrics["validation_examples"] == 3  # 1 sample x 3 router layers
+    assert metrics["test_examples"] == 6 and metrics["test_source"] == "split 'test'"
     from transformers import LlavaForConditionalGeneration
 
     model = P.from_pretrained(LlavaForConditionalGeneration, out)

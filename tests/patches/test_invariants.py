@@ -81,7 +81,8 @@ def _exited_after(layer):
 
 MMA = {"assistant_token_ids": [V.ASSISTANT]}
 VAR = {"sink_dims": [3, 17], "tau": 1.5, "rho": 0.5, "layers": [1, 2, 3]}
-PRUNE = {"layers": [2], "keep_ratios": [0.5]}
+PRUNE = {"layers": [2], "keep_ratios": [0.5]}  # FastV: scored with layer 1's attention
+PDROP = {"method": "pdrop", "layers": [1, 2], "keep_ratios": [0.5, 0.25]}  # scored at each stage's own layer
 DYVTE = {"router_hidden": 16}
 
 
@@ -110,12 +111,12 @@ SETTINGS = [
     Setting("dyvte-neutral", {"dyvte": DYVTE}, neutral=True, checks=(_routers_ran_and_never_exited,)),
     Setting("mma", {"mma": MMA}, checks=(_mma_acted,)),
     Setting("var", {"var": VAR}, checks=(_var_acted,)),
-    Setting("prune", {"prune": PRUNE}, checks=(_pruned,)),
+    Setting("prune", {"prune": PDROP}, checks=(_pruned,)),
     Setting("dyvte", {"dyvte": DYVTE}, mixed_exits=True, checks=(_samples_exited_at_different_layers,)),
-    # layers 0-1 hold everything, layer 2 the kept visual tokens, layer 3 text only
-    Setting("all", {"mma": MMA, "var": VAR, "prune": PRUNE, "dyvte": {**DYVTE, "force_exit_layer": 2}},
+    # layer 0 holds everything, layers 1 and 2 PDrop's kept visual tokens (ranked under MMA's mask), layer 3 text only
+    Setting("all", {"mma": MMA, "var": VAR, "prune": PDROP, "dyvte": {**DYVTE, "force_exit_layer": 2}},
             checks=(_mma_acted, _var_acted, _pruned, _exited_after(2))),
-    # pruning and a DyVTE exit both drop rows before layer 2
+    # FastV pruning and a DyVTE exit both drop rows before layer 2
     Setting("prune+dyvte", {"prune": PRUNE, "dyvte": {**DYVTE, "force_exit_layer": 1}},
             checks=(_pruned, _exited_after(1))),
 ]

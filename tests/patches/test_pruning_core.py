@@ -44,19 +44,22 @@ def test_keep_index_left_fills_and_keeps_order():
 
 
 @pytest.mark.parametrize("family", V.FAMILIES)
-@pytest.mark.parametrize("scorer", ["fastv", "fastv_text_mean"])
-def test_keep_sets_equal_eager_reference(family, scorer):
-    """Scores recomputed for one query row from layer K-1's q/k pick the same tokens as full eager attention weights
-    (head average; last prompt token, or the mean over the text after the image)."""
+@pytest.mark.parametrize("scorer, score_layer", [("fastv", "previous"), ("fastv_text_mean", "previous"),
+                                                 ("pdrop", "own")])
+def test_keep_sets_equal_eager_reference(family, scorer, score_layer):
+    """Scores recomputed for the voter rows pick the same tokens as full eager attention weights (head average; last
+    prompt token, or the mean over the text after the image): layer K-1's attention for ``score_layer="previous"``,
+    layer K's own attention for ``"own"`` (the first stage's layer K sees the unpruned hidden states)."""
     inputs = V.make_inputs(family, PROMPTS, "left")
+    layer = K - 1 if score_layer == "previous" else K
     with torch.no_grad():
-        out = pruned(family, scorer=scorer)(**inputs)
-        att = model_for(family, "eager")(**inputs, output_attentions=True).attentions[K - 1].mean(1)  # (B, T, T)
+        out = pruned(family, scorer=scorer, score_layer=score_layer)(**inputs)
+        att = model_for(family, "eager")(**inputs, output_attentions=True).attentions[layer].mean(1)  # (B, T, T)
     kept = kept_positions(out)
     ids = inputs["input_ids"]
     for b in range(2):
         visual = (ids[b] == V.IMAGE).nonzero().flatten()
-        if scorer == "fastv":
+        if scorer in ("fastv", "pdrop"):
             score = att[b, -1]
         else:
             first = int(visual[0])
@@ -137,6 +140,11 @@ def test_pdrop_stages_shrink_in_steps():
         ({"trend": float("nan")}, "finite"),
         ({"padding_threshold": 1.0}, "padding_threshold"),
         ({"debias_stages": [1]}, "debias_stages"),
+        ({"score_layer": "next"}, "score_layer"),
+        ({"trend": -0.01, "multiplier_b": 0.01}, "give only one"),
+        ({"multiplier_b": float("inf")}, "multiplier_b"),
+        ({"debias": {"b": 0.01}}, "unknown debias"),
+        ({"debias": {"trend": -0.01}, "trend": -0.02}, "given twice"),
     ],
 )
 def test_invalid_prune_config(bad, match):

@@ -98,10 +98,13 @@ def test_positional_trend_divides_scores_and_fit_recovers_b():
     assert abs(fit_trend(samples) - (-0.01)) < 1e-3  # recency: attention grows along the sequence -> b < 0
 
 
-def test_strong_trend_keeps_the_earliest_tokens():
-    """Dividing by T(i) = exp(-b i) with b = -2 makes later tokens hopeless: the first k visual tokens win."""
+@pytest.mark.parametrize("form", [{"debias": True, "trend": -2.0}, {"debias": {"multiplier_b": 2.0}}])
+def test_strong_trend_keeps_the_earliest_tokens(form):
+    """Dividing by T(i) = exp(-b i) with the fitted-trend b = -2 (or, in the paper's multiplier form, multiplying by
+    exp(-2 i)) makes later tokens hopeless: the first k visual tokens win."""
     model = model_for("llava")
-    P.apply(model, mma=False, prune={"layers": [K], "keep_ratios": [0.25], "debias": True, "trend": -2.0})
+    P.apply(model, mma=False, prune={"layers": [K], "keep_ratios": [0.25], **form})
+    assert P.status(model)["patches"]["prune"]["debias"] is True
     inputs = V.make_inputs("llava", PROMPTS, "left")
     with torch.no_grad():
         out = model(**inputs)
@@ -112,14 +115,29 @@ def test_strong_trend_keeps_the_earliest_tokens():
         assert _kept_visual(out, ids, b) == visual[:k].tolist()
 
 
+def test_multiplier_form_is_the_negated_trend():
+    from hf_kan.patches.prune.config import PruneConfig
+
+    paper = PruneConfig(debias={"multiplier_b": 0.003, "stages": [0]})
+    assert paper.debias and paper.multiplier_b == 0.003 and paper.trend == 0.0 and paper.correction_b == -0.003
+    assert PruneConfig(debias=True, trend=-0.003).correction_b == -0.003
+    assert PruneConfig(**paper.to_dict()) == paper  # stored as given, restored as given
+    index = visual_index(torch.ones(1, 5, dtype=torch.bool))
+    scores = torch.rand(1, 5) + 0.5
+    out, _ = debias_scores(scores, index, None, paper.correction_b, 0.5)
+    torch.testing.assert_close(out, scores * torch.exp(-0.003 * torch.arange(5.0)))  # the paper's multiplier
+
+
 def test_calibrate_trend_fits_and_stores_b():
     model = model_for("qwen2_vl")
     P.apply(model, mma=False, prune={"layers": [K], "keep_ratios": [0.5], "debias": True})
     calib = [V.make_inputs("qwen2_vl", [V.standard_prompt(1, before=2 + s)], seed=s) for s in range(3)]
     scores = collect_scores(model, calib)
     assert len(scores) == 3 and all(s.numel() == 6 for s in scores) and all(bool((s > 0).all()) for s in scores)
+    P.apply(model, prune={"debias": True, "trend": 0.0, "multiplier_b": 0.004})
     b = P.calibrate_trend(model, calib)
     assert b == pytest.approx(fit_trend(scores), abs=1e-12)
+    assert P.status(model)["patches"]["prune"]["multiplier_b"] is None  # the fitted trend replaces it
     assert P.status(model)["patches"]["prune"]["trend"] == pytest.approx(b)
     assert P.status(model)["patches"]["prune"]["keep_ratios"] == [0.5]  # the probe's settings did not leak
 

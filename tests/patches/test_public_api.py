@@ -8,8 +8,8 @@ from hf_kan.patches import engine, registry
 USER_API = [
     "DyVTEConfig", "EfficiencyReport", "HFKanCache", "MMAConfig", "PatchConfig", "PruneConfig", "VARConfig", "apply",
     "calibrate_trend", "detach", "efficiency_report", "exit_layers", "find_sink_dims", "from_pretrained",
-    "kept_token_grid", "mask_visual_after", "padding_cache", "plot_kept_tokens", "plot_var", "record_var",
-    "sink_dim_scores", "status",
+    "kept_token_grid", "load_released_routers", "mask_visual_after", "padding_cache", "plot_kept_tokens", "plot_var",
+    "record_var", "sink_dim_scores", "status",
 ]
 ENGINE_API = [
     "COMPUTE", "CONFIG_ATTRIBUTE", "IMAGE", "PAD", "STATE_KWARG", "TEXT", "VIDEO", "ApplyContext", "CliCommand",

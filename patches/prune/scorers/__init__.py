@@ -1,6 +1,6 @@
 """Pluggable visual-token scorers for pruning (``PruneConfig.scorer``).
 
-A scorer says WHICH query rows of layer K-1 vote for the visual tokens; ``base.Scorer`` turns that into scores with
+A scorer says WHICH query rows vote for the visual tokens; ``base.Scorer`` turns that into scores with
 one small recomputed attention (``attention_votes``), so no attention weights are ever requested from the main
 kernel. Adding a scorer is one small file defining a ``Scorer`` subclass and one line in ``SCORERS``.
 """

@@ -41,7 +41,8 @@ def attention_votes(query: torch.Tensor, key: torch.Tensor, weights: torch.Tenso
 
 
 class Scorer:
-    """Scores the visual tokens of a pruning stage from layer K-1's queries and keys.
+    """Scores the visual tokens of a pruning stage from one layer's queries and keys (layer K-1's attention call, or
+    layer K's own projections: ``PruneConfig.score_layer``).
 
     Subclasses set ``name`` and implement ``query_weights``; the score of key ``j`` is the weighted head-averaged
     attention that the chosen query rows pay to it (``attention_votes``)."""
