@@ -21,6 +21,7 @@ SUBCOMMAND_MODULES: tuple[str, ...] = (
     "hf_kan.patches.var_calibrate",
     "hf_kan.train.image_classification",
     "hf_kan.train.demo",
+    "hf_kan.vlm.train",
 )
 
 
