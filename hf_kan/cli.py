@@ -49,6 +49,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "find VAR's sink dimensions of a saved multimodal model (and store them in its config)",
     ),
     "dyvte-train": ("hf_kan.patches.dyvte.train", "train DyVTE exit routers on a frozen VLM"),
+    "vlm-train": (
+        "hf_kan.vlm.train",
+        "train the Shapes VQA vision-language model (LLaVA with a KAT or ViT tower) from scratch",
+    ),
     "lmms-tasks": ("hf_kan.eval.tasks", "print the folder of hf-kan's lmms-eval tasks (for --include_path)"),
     "push": ("hf_kan.hub", "upload a saved hf-kan model, patched VLM or MoH adapter with its model card"),
 }

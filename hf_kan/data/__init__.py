@@ -10,6 +10,7 @@ from .digits import (
     digits_to_pixel_values,
     load_digits_dataset,
 )
+from .shapes_vqa import generate_shapes_vqa, load_shapes_vqa, split_by_question_type
 
 __all__ = [
     "DIGITS_LABEL_NAMES",
@@ -17,5 +18,8 @@ __all__ = [
     "DIGITS_NUM_CLASSES",
     "DIGITS_STD",
     "digits_to_pixel_values",
+    "generate_shapes_vqa",
     "load_digits_dataset",
+    "load_shapes_vqa",
+    "split_by_question_type",
 ]
