@@ -137,6 +137,6 @@ def launch_two_processes(out, *extra: str, timeout: float = 300) -> subprocess.C
 def test_accelerate_launch_two_processes_exits_every_time(tmp_path):
     launch_two_processes(tmp_path / "run", "--max-steps", "3", "--eval-steps", "2")
     check_output_dir(tmp_path / "run", steps=3, processes=2)
-    for attempt in range(2):  # launched three times in all, each must exit by itself
+    for attempt in range(1):  # launched twice in all, each must exit by itself
         launch_two_processes(tmp_path / f"again{attempt}", "--max-steps", "1", timeout=180)
         assert json.loads((tmp_path / f"again{attempt}" / "metrics.json").read_text())["num_processes"] == 2

@@ -67,7 +67,7 @@ def test_two_process_accelerate_launch(tmp_path):
         accuracy = (preds == rows["label"]).double().mean().item()
         assert accuracy == pytest.approx(metrics[f"{split}_accuracy"])
 
-    for attempt in range(2):  # launched three times in all: each run must exit by itself
+    for attempt in range(1):  # launched twice in all: each run must exit by itself
         again = tmp_path / f"again{attempt}"
         launch_two_processes(again, "--max-steps", "2", "--max-eval-samples", "16", timeout=180)
         assert json.loads((again / "metrics.json").read_text())["steps"] == 2
