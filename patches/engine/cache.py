@@ -20,7 +20,7 @@ import torch
 from transformers import DynamicCache
 
 from ...errors import InputLayoutError
-from .layout import PAD, TokenLayout
+from .layout import PAD, TEXT, TokenLayout
 
 
 class KVLedger:
@@ -29,9 +29,10 @@ class KVLedger:
     def __init__(self, num_layers: int):
         self.num_layers = num_layers
         # The token table lives in a buffer with spare capacity whose unused columns already hold what a plain text
-        # token has there (position = span_end = its column, no image, no grid), so appending a decode step's token
-        # writes one column of ``modality``; ``tokens`` is a view of the filled part, made when first read after an
-        # append. Views are narrowed to the length at their creation: later appends never change a view handed out.
+        # token has there (text, position = span_end = its column, no image, no grid), so appending a decode step's
+        # token writes nothing (or one ``modality`` column, with padding); ``tokens`` is a view of the filled part,
+        # made when first read after an append. Views are narrowed to the length at their creation: later appends
+        # never change a view handed out.
         self._buffer: TokenLayout | None = None
         self._view: TokenLayout | None = None
         self._seen = 0
@@ -76,6 +77,7 @@ class KVLedger:
         capacity = max(2 * needed, 64)
         b = like.batch_size
         buf = like.empty_like(capacity)
+        buf.modality.fill_(TEXT)
         column = torch.arange(capacity, device=like.position.device).expand(b, -1)
         buf.position.copy_(column)
         buf.span_end.copy_(column)
@@ -86,21 +88,24 @@ class KVLedger:
             buf.write(0, self.tokens)
         return buf
 
-    def extend(self, layout: TokenLayout, *, plain_text: bool = False) -> None:
-        """Append the layout of a new forward's tokens (``build_layout`` of them, annotated) to the token table;
-        ``plain_text``: no visual token and no annotation, so only ``modality`` differs from the buffer's prefill."""
+    def extend(self, layout: TokenLayout, *, plain_text: bool | None = None) -> None:
+        """Append the layout of a new forward's tokens (``build_layout`` of them, annotated) to the token table.
+        ``plain_text`` (from ``text_layout``, nothing annotated): ``False`` = text tokens without padding, which the
+        buffer's prefill already holds (nothing is written); ``True`` = text with padding (only ``modality`` is
+        written); ``None`` = anything else."""
         n, t = self._seen, layout.length
         buf = self._buffer
         if buf is None or buf.batch_size != layout.batch_size or buf.length < n + t:
             self._buffer = buf = self._grow(layout, n + t)
-        if plain_text:
-            buf.modality.narrow(1, n, t).copy_(layout.modality)
-        else:
+        if plain_text is None:
             buf.write(n, layout)
+            if not self._padding:  # once padding was seen the flag stays set: no check per forward
+                self._padding = bool((layout.modality == PAD).any())
+        elif plain_text:
+            buf.modality.narrow(1, n, t).copy_(layout.modality)
+            self._padding = True
         self._seen = n + t
         self._view = None
-        if not self._padding:  # once padding was seen the flag stays set: no check per step
-            self._padding = bool((layout.modality == PAD).any())
         self._appended.clear()
 
     def record(self, layer_idx: int, positions: torch.Tensor | None, seen_before: int, new: int) -> None:

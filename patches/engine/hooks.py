@@ -38,7 +38,7 @@ from ...errors import InputLayoutError, UnsupportedModelError
 from .cache import HFKanCache, KVLedger
 from .config import CONFIG_ATTRIBUTE, PatchConfig
 from .dropping import sync_layer_inputs
-from .layout import TextLayoutConstants, build_layout
+from .layout import TextLayoutConstants, build_layout, text_layout
 from .options import ApplyContext
 from .runtime import PatchRuntime
 from .spec import runtimes_for
@@ -105,23 +105,23 @@ class ModelHook:
     def __init__(self, adapter):
         self.adapter = adapter
         self._layer_handles: list | None = None  # the decoder-layer hooks, installed while a runtime needs them
-        self._config_key = None  # (the stored section object, a copy of it) the cached config was made from
-        self._config: PatchConfig | None = None
+        self._parsed = None  # (the stored section object, a copy of it, the PatchConfig parsed from it)
         self._windows: tuple[object, tuple[int | None, ...]] | None = None  # (text config, windows)
         self._constants = TextLayoutConstants()
         self._placeholders: dict = {}  # device -> the image / video placeholder ids
         self._request_layer_hooks = None
+        self._text_config = None  # (top-level config, its text config)
 
     def config(self, model, text_config=None) -> PatchConfig:
         """The model's patch config, parsed and checked against the model (each patch's resolver, as ``apply`` does
         for its arguments); reused until the stored section changes."""
         text_config = text_config if text_config is not None else model.config.get_text_config()
         section = getattr(text_config, CONFIG_ATTRIBUTE, None)
-        key = self._config_key
-        if key is not None and key[0] is section and key[1] == section:
-            return self._config
+        parsed = self._parsed  # one attribute, replaced whole: a concurrent forward sees an old or a new triple
+        if parsed is not None and parsed[0] is section and parsed[1] == section:
+            return parsed[2]
         config = PatchConfig.from_dict(section).resolved(apply_context(model, self.adapter))
-        self._config_key, self._config = (section, copy.deepcopy(section)), config
+        self._parsed = (section, copy.deepcopy(section), config)
         return config
 
     def windows(self, model, text_config=None) -> tuple[int | None, ...]:
@@ -132,13 +132,23 @@ class ModelHook:
         return self._windows[1]
 
     def refresh(self) -> None:
-        """Forget the cached config and windows (``apply`` calls this: the text config may have changed)."""
-        self._config_key = self._config = self._windows = None
+        """Forget the cached config and windows and remove the decoder-layer hooks (``apply`` calls this: the text
+        config and the patches may have changed)."""
+        self._parsed = self._windows = self._text_config = None
         self._placeholders.clear()
+        self.remove()
+
+    def text_config(self, model):
+        """``model.config.get_text_config()``, looked up once per top-level config object (it walks the sub-configs
+        through Transformers' attribute hooks, a sizeable part of a decode step's overhead)."""
+        cached = self._text_config
+        if cached is None or cached[0] is not model.config:
+            cached = self._text_config = (model.config, model.config.get_text_config())
+        return cached[1]
 
     def __call__(self, model, args, kwargs):
         extra = kwargs.pop(EXTRA_KWARG, ())
-        text_config = model.config.get_text_config()
+        text_config = self.text_config(model)
         impl = text_config._attn_implementation
         config = self.config(model, text_config)
         if impl != "hf_kan":
@@ -171,7 +181,10 @@ class ModelHook:
                 )
             input_ids = torch.zeros(embeds.shape[:2], dtype=torch.long, device=embeds.device)
         items = self.visual_items(model, input_ids, kwargs, ledger) if runtimes else []
-        layout = build_layout(input_ids, attention_mask, items, offset=seen, constants=self._constants)
+        if items:
+            layout, plain = build_layout(input_ids, attention_mask, items, offset=seen), None
+        else:
+            layout, plain = text_layout(input_ids, attention_mask, seen, self._constants)
         annotated = False
         for rt in runtimes:
             new = rt.annotate_layout(layout, input_ids, offset=seen, has_visual=bool(items))
@@ -179,26 +192,24 @@ class ModelHook:
                 layout, annotated = new, True
         widened = annotated and bool((layout.span_end > layout.position).any())
         if ledger is not None:
-            ledger.extend(layout, plain_text=not items and not annotated)
+            ledger.extend(layout, plain_text=None if annotated else plain)
         state = ForwardState(config, layout, cache, runtimes, seen_before=seen, model=model,
                              windows=self.windows(model, text_config), widened=widened)
-        if state.layer_runtimes or self._layer_handles:
-            self.layer_hooks(model, bool(state.layer_runtimes))
+        if state.layer_runtimes:
+            self.layer_hooks(model)
         if self._request_layer_hooks is None:  # weak: a state kept on an output must not hold the model
-            self._request_layer_hooks = functools.partial(self.layer_hooks, weakref.proxy(model), True)
+            self._request_layer_hooks = functools.partial(self.layer_hooks, weakref.proxy(model))
         state.needs_layer_hooks = self._request_layer_hooks
         kwargs[STATE_KWARG] = state
         for rt in runtimes:
             rt.begin_forward(state, kwargs)
         return args, kwargs
 
-    def layer_hooks(self, model, needed: bool) -> None:
-        """Install the decoder-layer hooks while some runtime of the forward uses them and remove them otherwise:
-        a forward with none (every patch off, MMA) then pays no hook dispatch per layer."""
-        if needed == bool(self._layer_handles):
-            return
-        if not needed:
-            self.remove()
+    def layer_hooks(self, model) -> None:
+        """Install the decoder-layer hooks when a forward first has a runtime that uses them; they stay until the next
+        ``apply`` (``refresh``), so a concurrent forward never loses them. Until then, forwards with no such runtime
+        (every patch off, MMA) pay no hook dispatch per layer."""
+        if self._layer_handles:
             return
         self._layer_handles = []
         for i, layer in enumerate(self.adapter.decoder_layers(model)):
@@ -237,7 +248,8 @@ class ModelHook:
     def after(model, args, kwargs, output):
         """Forward hook: the runtimes' ``end_forward``; the forward's ``ForwardState`` (rows per layer, layout, the
         patches' ``scratch``) is then exposed as the attribute ``output.hf_kan_state`` (not an output key) and, for
-        a prefill, as ``cache.hf_kan_prefill_state`` (what ``generate`` returns)."""
+        a prefill, as ``cache.hf_kan_prefill_state`` (what ``generate`` returns): the latest forward that started the
+        cache or brought more than one token (a conversation's new turn, a chunked prefill's chunk)."""
         state = kwargs.get(STATE_KWARG)
         if state is None:
             return None
@@ -245,8 +257,8 @@ class ModelHook:
             rt.end_forward(state, output)
         state.release()
         if output is not None and not isinstance(output, tuple):
-            output.hf_kan_state = state
-        if state.cache is not None and state.seen_before == 0:
+            object.__setattr__(output, "hf_kan_state", state)  # an attribute, not a ModelOutput key
+        if state.cache is not None and (state.seen_before == 0 or state.layout.length > 1):
             state.cache.hf_kan_prefill_state = state
         return None
 
@@ -371,6 +383,7 @@ class GenerateGuard:
         self.hook = hook
         self.previous = previous
         functools.update_wrapper(self, previous if previous is not None else type(model).generate)
+        self.__signature__ = inspect.signature(previous if previous is not None else model.generate)
 
     def __call__(self, *args, **kwargs):
         model = self._model()

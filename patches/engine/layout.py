@@ -187,6 +187,24 @@ class TextLayoutConstants:
         return c
 
 
+def text_layout(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, offset: int = 0,
+                constants: TextLayoutConstants | None = None) -> tuple[TokenLayout, bool]:
+    """``(layout, padded)`` of a forward without visual tokens (every decode step): expanded views of ``constants``
+    (only a batch with padding allocates its ``modality``), and whether any of its tokens is padding."""
+    b, t = input_ids.shape
+    device = input_ids.device
+    c = (constants or TextLayoutConstants()).get(device, offset + t)
+    views = c.get((b, t))
+    if views is None:  # (b, t) views of the constants; t is 1 for every decode step
+        views = c[(b, t)] = (c["text"].expand(b, t), c["minus"].expand(b, t), c["false"].expand(b, t))
+    text, minus, false = views
+    mask = None if attention_mask is None else attention_mask[:, -t:]
+    padded = mask is not None and not bool(mask.all())
+    modality = torch.where(mask.to(device=device, dtype=torch.bool), c["text"], c["pad"]) if padded else text
+    position = c["range"][offset:offset + t].expand(b, t)
+    return TokenLayout(modality, position, minus, minus, minus, minus, false, position), padded
+
+
 def build_layout(
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor | None,
@@ -202,15 +220,8 @@ def build_layout(
     """
     b, t = input_ids.shape
     device = input_ids.device
-    if not items:  # text-only forwards (every decode step): views of read-only tensors where possible
-        c = (constants or TextLayoutConstants()).get(device, offset + t)
-        if attention_mask is None:
-            modality = c["text"].expand(b, t)
-        else:
-            modality = torch.where(attention_mask[:, -t:].to(device=device, dtype=torch.bool), c["text"], c["pad"])
-        minus = c["minus"].expand(b, t)
-        position = c["range"][offset:offset + t].expand(b, t)
-        return TokenLayout(modality, position, minus, minus, minus, minus, c["false"].expand(b, t), position)
+    if not items:
+        return text_layout(input_ids, attention_mask, offset, constants)[0]
     modality = torch.full((b, t), TEXT, dtype=torch.int8)
     if attention_mask is not None:
         valid = attention_mask[:, -t:].to("cpu", torch.bool)
@@ -248,6 +259,7 @@ __all__ = [
     "TokenLayout",
     "VisualItem",
     "build_layout",
+    "text_layout",
     "raster",
     "runs",
 ]

@@ -1,6 +1,9 @@
 """Inputs the patches cannot read exactly end in a clear error or warning, and what a decode step reuses (the parsed
 config, the token table's buffer, no decoder-layer hooks when no patch needs them)."""
 
+import copy
+import inspect
+
 import pytest
 import torch
 import vlm_models as V
@@ -81,3 +84,18 @@ def test_a_decode_step_reuses_the_parsed_config_and_the_token_table():
     model.config.text_config.hf_kan["mma"]["assistant_token_ids"] = [V.ASSISTANT, V.USER]
     assert hook.config(model).mma.assistant_token_ids == (V.ASSISTANT, V.USER)
     P.apply(model, mma=MMA)
+
+
+def test_the_generate_guard_survives_copies_and_leaves_with_detach():
+    model = V.build("llava", "sdpa")
+    P.apply(model, mma=MMA)
+    assert "generation_config" in inspect.signature(model.generate).parameters
+    twin = copy.deepcopy(model)
+    inputs = V.make_inputs("llava", PROMPTS)
+    greedy = dict(max_new_tokens=2, do_sample=False, suppress_tokens=V.SUPPRESS)
+    assert torch.equal(twin.generate(**inputs, **greedy), model.generate(**inputs, **greedy))
+    assert twin.__dict__["generate"]._model() is twin
+    with pytest.raises(InputLayoutError, match="prefill_chunk_size=3"):
+        twin.generate(**inputs, prefill_chunk_size=3, **greedy)
+    P.detach(model)
+    assert "generate" not in model.__dict__
