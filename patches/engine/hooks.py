@@ -109,7 +109,6 @@ class ModelHook:
         self._windows: tuple[object, tuple[int | None, ...]] | None = None  # (text config, windows)
         self._constants = TextLayoutConstants()
         self._placeholders: dict = {}  # device -> the image / video placeholder ids
-        self._request_layer_hooks = None
         self._text_config = None  # (top-level config, its text config)
 
     def config(self, model, text_config=None) -> PatchConfig:
@@ -197,9 +196,8 @@ class ModelHook:
                              windows=self.windows(model, text_config), widened=widened)
         if state.layer_runtimes:
             self.layer_hooks(model)
-        if self._request_layer_hooks is None:  # weak: a state kept on an output must not hold the model
-            self._request_layer_hooks = functools.partial(self.layer_hooks, weakref.proxy(model))
-        state.needs_layer_hooks = self._request_layer_hooks
+        # weak, and dropped by ``release``: a state kept on an output or a cache must not hold the model
+        state.needs_layer_hooks = functools.partial(self.layer_hooks, weakref.proxy(model))
         kwargs[STATE_KWARG] = state
         for rt in runtimes:
             rt.begin_forward(state, kwargs)

@@ -2,6 +2,7 @@
 config, the token table's buffer, no decoder-layer hooks when no patch needs them)."""
 
 import copy
+import gc
 import inspect
 
 import pytest
@@ -88,10 +89,18 @@ def test_a_decode_step_reuses_the_parsed_config_and_the_token_table():
 
 def test_the_generate_guard_survives_copies_and_leaves_with_detach():
     model = V.build("llava", "sdpa")
-    P.apply(model, mma=MMA)
+    P.apply(model, mma=MMA, var={"sink_dims": [3], "layers": [1]})  # VAR: the layer hooks get installed
     assert "generation_config" in inspect.signature(model.generate).parameters
-    twin = copy.deepcopy(model)
     inputs = V.make_inputs("llava", PROMPTS)
+    with torch.no_grad():
+        model(**inputs)
+
+    def models():
+        return sum(type(o) is type(model) for o in gc.get_objects())
+
+    before = models()
+    twin = copy.deepcopy(model)
+    assert models() == before + 1  # the hooks hold no (weak) reference that would copy the model a second time
     greedy = dict(max_new_tokens=2, do_sample=False, suppress_tokens=V.SUPPRESS)
     assert torch.equal(twin.generate(**inputs, **greedy), model.generate(**inputs, **greedy))
     assert twin.__dict__["generate"]._model() is twin
