@@ -27,6 +27,7 @@ from transformers import (
     LlavaForConditionalGeneration,
     LlavaNextConfig,
     LlavaNextForConditionalGeneration,
+    MistralConfig,
     Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
     Qwen2VLConfig,
@@ -53,6 +54,15 @@ def _llama_text(num_layers: int = 2, hidden: int = 32, heads: int = 4, kv_heads:
     )
 
 
+def _mistral_text(num_layers: int = 2, hidden: int = 32, sliding_window: int = 8) -> MistralConfig:
+    """A Mistral text config: every layer attends within ``sliding_window`` positions (no ``layer_types``)."""
+    return MistralConfig(
+        vocab_size=VOCAB, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=num_layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048, sliding_window=sliding_window,
+        pad_token_id=PAD, bos_token_id=BOS, eos_token_id=EOS, tie_word_embeddings=False,
+    )
+
+
 def _clip(image_size: int = 16, patch: int = 4, hidden: int = 32) -> CLIPVisionConfig:
     return CLIPVisionConfig(
         hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=1, num_attention_heads=2,
@@ -69,20 +79,20 @@ def _qwen_text(num_layers: int = 2, hidden: int = 32) -> dict:
     )
 
 
-def _llava_config(config_class, **extra):
+def _llava_config(config_class, text=_llama_text, **extra):
     def config(num_layers: int):
-        return config_class(vision_config=_clip(), text_config=_llama_text(num_layers), vision_feature_layer=-1,
+        return config_class(vision_config=_clip(), text_config=text(num_layers), vision_feature_layer=-1,
                             vision_feature_select_strategy="default", image_token_id=IMAGE,
                             tie_word_embeddings=False, **extra)
 
     return config
 
 
-def _qwen_config(config_class, vision: dict):
+def _qwen_config(config_class, vision: dict, **text_extra):
     def config(num_layers: int):
-        return config_class(text_config=_qwen_text(num_layers), vision_config=vision, image_token_id=IMAGE,
-                            video_token_id=VIDEO, vision_start_token_id=VSTART, vision_end_token_id=VEND,
-                            tie_word_embeddings=False)
+        return config_class(text_config={**_qwen_text(num_layers), **text_extra}, vision_config=vision,
+                            image_token_id=IMAGE, video_token_id=VIDEO, vision_start_token_id=VSTART,
+                            vision_end_token_id=VEND, tie_word_embeddings=False)
 
     return config
 
@@ -140,6 +150,16 @@ class Family:
     token_types: bool = False
 
 
+_LLAVA_NEXT = dict(images=({"size": (20, 30)}, {"size": (30, 12)}, {"size": (32, 32)}),
+                   image_tokens=_next_image_tokens,
+                   pixels=lambda images, gen: {"pixel_values": torch.randn(len(images), 5, 3, 16, 16, generator=gen),
+                                               "image_sizes": torch.tensor([im["size"] for im in images])},
+                   select=_slices("pixel_values", "image_sizes"))
+_QWEN2_VL_VISION = dict(depth=1, embed_dim=32, hidden_size=32, num_heads=2, mlp_ratio=2, patch_size=QWEN_PATCH,
+                        spatial_merge_size=QWEN_MERGE, temporal_patch_size=QWEN_TPATCH, in_channels=3)
+_QWEN = dict(images=({"thw": (1, 4, 6)}, {"thw": (1, 4, 4)}, {"thw": (1, 6, 4)}), image_tokens=_qwen_image_tokens,
+             pixels=_qwen_pixels, select=_qwen_select, token_types=True)
+
 FAMILY_SPECS: dict[str, Family] = {f.name: f for f in (
     # LLaVA: 16 px images, patch 4 -> a 4 x 4 grid of 16 tokens per image.
     Family("llava", LlavaForConditionalGeneration, _llava_config(LlavaConfig), ({},),
@@ -148,27 +168,27 @@ FAMILY_SPECS: dict[str, Family] = {f.name: f for f in (
            select=_slices("pixel_values")),
     # LLaVA-NeXT: base 4 x 4 grid plus the unpadded high-resolution grid (1 base + up to 4 tiles of 16 px).
     Family("llava_next", LlavaNextForConditionalGeneration,
-           _llava_config(LlavaNextConfig, image_grid_pinpoints=NEXT_PINPOINTS),
-           ({"size": (20, 30)}, {"size": (30, 12)}, {"size": (32, 32)}), image_tokens=_next_image_tokens,
-           pixels=lambda images, gen: {"pixel_values": torch.randn(len(images), 5, 3, 16, 16, generator=gen),
-                                       "image_sizes": torch.tensor([im["size"] for im in images])},
-           select=_slices("pixel_values", "image_sizes")),
+           _llava_config(LlavaNextConfig, image_grid_pinpoints=NEXT_PINPOINTS), **_LLAVA_NEXT),
     # Qwen2-VL / Qwen2.5-VL: patch 4, merge 2; a 16 x 24 px image is grid_thw (1, 4, 6) -> 2 x 3 = 6 tokens.
-    Family("qwen2_vl", Qwen2VLForConditionalGeneration,
-           _qwen_config(Qwen2VLConfig, dict(depth=1, embed_dim=32, hidden_size=32, num_heads=2, mlp_ratio=2,
-                                            patch_size=QWEN_PATCH, spatial_merge_size=QWEN_MERGE,
-                                            temporal_patch_size=QWEN_TPATCH, in_channels=3)),
-           ({"thw": (1, 4, 6)}, {"thw": (1, 4, 4)}, {"thw": (1, 6, 4)}), image_tokens=_qwen_image_tokens,
-           pixels=_qwen_pixels, select=_qwen_select, token_types=True),
+    Family("qwen2_vl", Qwen2VLForConditionalGeneration, _qwen_config(Qwen2VLConfig, _QWEN2_VL_VISION), **_QWEN),
     Family("qwen2_5_vl", Qwen2_5_VLForConditionalGeneration,
            _qwen_config(Qwen2_5_VLConfig, dict(depth=2, hidden_size=32, out_hidden_size=32, intermediate_size=64,
                                                num_heads=2, patch_size=QWEN_PATCH, spatial_merge_size=QWEN_MERGE,
                                                temporal_patch_size=QWEN_TPATCH, window_size=16,
-                                               fullatt_block_indexes=[1], in_channels=3)),
-           ({"thw": (1, 4, 6)}, {"thw": (1, 4, 4)}, {"thw": (1, 6, 4)}), image_tokens=_qwen_image_tokens,
-           pixels=_qwen_pixels, select=_qwen_select, token_types=True),
+                                               fullatt_block_indexes=[1], in_channels=3)), **_QWEN),
+    # Sliding-window text models (variants of the families above, not in FAMILIES): a LLaVA-NeXT on a Mistral
+    # decoder whose every layer attends within 8 positions (no layer_types), and a Qwen2-VL whose layers from 1 on
+    # are "sliding_attention" layers of window 6 (layer_types, as Qwen2 / Gemma-style configs declare them).
+    Family("llava_next_mistral", LlavaNextForConditionalGeneration,
+           _llava_config(LlavaNextConfig, text=_mistral_text, image_grid_pinpoints=NEXT_PINPOINTS), **_LLAVA_NEXT),
+    Family("qwen2_vl_window", Qwen2VLForConditionalGeneration,
+           _qwen_config(Qwen2VLConfig, _QWEN2_VL_VISION, use_sliding_window=True, sliding_window=6,
+                        max_window_layers=1), **_QWEN),
 )}
-FAMILIES = tuple(FAMILY_SPECS)
+#: the four supported families (every family-parametrised test runs on these)
+FAMILIES = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl")
+#: sliding-window variants of them (the invariant table runs them on a subset of its settings)
+WINDOW_FAMILIES = ("llava_next_mistral", "qwen2_vl_window")
 
 
 def config_for(family: str, num_layers: int = 2):
@@ -326,3 +346,44 @@ def shared(family: str, attn_implementation: str = "sdpa"):
 
 
 SUPPRESS = [IMAGE, VIDEO, VSTART, VEND]  # never generate placeholder ids (a full forward would read them as images)
+
+
+# ----------------------------------------------------------------------------------------------- conversations
+
+
+def _images_in_order(family: str, turns: list[Inputs]) -> dict:
+    """The image tensors of several ``make_inputs`` batches (one per turn), sample by sample and turn by turn: the
+    order in which a forward over the whole conversation meets them."""
+    spec = FAMILY_SPECS[family]
+    offsets = [0] * len(turns)
+    parts = []
+    for b in range(len(turns[0].images_per_sample)):
+        for i, turn in enumerate(turns):
+            n = turn.images_per_sample[b]
+            if n:
+                parts.append(spec.select(turn, offsets[i], n))
+            offsets[i] += n
+    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]} if parts else {}
+
+
+def next_turn(family: str, model, first: Inputs, answer: torch.Tensor, prompts: list[list], seed: int = 1):
+    """A second user turn (``prompts``, left-padded, with new images) after ``first`` and the generated ``answer``
+    (``generate(...).sequences``). Returns ``(cached, full)``: the kwargs of a ``generate`` that continues from the
+    first turn's cache (whole conversation ids, the new turn's images; pass ``cache=...``), and those of a generate
+    over the whole conversation from scratch (every image). Qwen gets explicit M-RoPE ``position_ids`` for the cached
+    call: Transformers 5.24 cannot compute them from the new turn's grids alone."""
+    turn = make_inputs(family, prompts, "left", seed=seed)
+    b, answered = answer.shape
+    ids = torch.cat([answer, turn["input_ids"]], 1)
+    generated = torch.ones(b, answered - first["attention_mask"].shape[1], dtype=torch.long)
+    mask = torch.cat([first["attention_mask"], generated, turn["attention_mask"]], 1)
+    base = {"input_ids": ids, "attention_mask": mask}
+    if FAMILY_SPECS[family].token_types:
+        base["mm_token_type_ids"] = (ids == IMAGE).to(torch.int)
+    images = {k: v for k, v in turn.items() if k not in base}
+    full = {**base, **_images_in_order(family, [first, turn])}
+    cached = {**base, **images}
+    if FAMILY_SPECS[family].token_types:
+        grids = {k: v for k, v in full.items() if k != "pixel_values"}
+        cached["position_ids"] = model._prepare_position_ids_for_generation(ids, grids)
+    return cached, full

@@ -30,7 +30,7 @@ from torch import nn
 from ...errors import HFKanConfigError, InputLayoutError
 from ..engine.dropping import check_no_labels, current_rows, drop_visual
 from ..engine.hooks import extra_runtime
-from ..engine.runtime import PatchRuntime
+from ..engine.runtime import PatchRuntime, visual_outside_last_chunk
 from .config import DyVTEConfig
 from .routers import router_features, routers_of
 
@@ -50,6 +50,9 @@ class DyVTERuntime(PatchRuntime):
         self.enabled = False
         self.pending: dict[int, torch.Tensor] = {}
         self.record: dict = {}
+
+    def prefill_chunk_error(self, layout, starts):
+        return visual_outside_last_chunk(layout, starts, "DyVTE")
 
     def begin_forward(self, state, inputs: dict) -> None:
         lay = state.layout

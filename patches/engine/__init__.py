@@ -13,9 +13,9 @@ from .config import CONFIG_ATTRIBUTE, PatchConfig
 from .dropping import check_no_labels, current_rows, drop_tokens, drop_visual
 from .hooks import extra_runtime
 from .layout import IMAGE, PAD, TEXT, VIDEO, TokenLayout, VisualItem, build_layout, modality_codes
-from .masks import base_mask
+from .masks import base_mask, metadata_mask
 from .options import ApplyContext, argument_options, parse_options
-from .runtime import PatchRuntime
+from .runtime import PatchRuntime, visual_outside_last_chunk
 from .spec import CliCommand, PatchSpec
 from .state import STATE_KWARG, ForwardState
 
@@ -46,7 +46,9 @@ __all__ = [
     "drop_visual",
     "explicit_attention",
     "extra_runtime",
+    "metadata_mask",
     "modality_codes",
     "parse_options",
     "sdpa_compute",
+    "visual_outside_last_chunk",
 ]

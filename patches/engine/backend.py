@@ -6,8 +6,10 @@ masks for this implementation name.
 
 - Text decoder attention with a ``ForwardState`` in its keyword arguments (put there by the model hook that
   ``hf_kan.patches.apply`` installs): the mask Transformers built is ignored; the layer's mask is derived from the
-  token metadata and the cache ledger (``ForwardState.mask_for``), and the output is computed by the configured
-  compute path (SDPA on CPU), or with explicit probabilities on layers where a patch transforms them.
+  token metadata, the layer's sliding window and the cache ledger (``ForwardState.mask_for``), and the output is
+  computed by the configured compute path (SDPA on CPU), or with explicit probabilities on layers where a patch
+  transforms them. The ``sliding_window`` a model passes to its attention function must be the window the config
+  declares for that layer (``engine.windows``); anything else raises.
 - Anything else (vision towers, a model loaded with ``attn_implementation="hf_kan"`` but never given the hook): the
   mask builder's deferred mask is materialised exactly as ``sdpa`` would build it, and SDPA runs; the result equals
   ``"sdpa"``. If the config enables a patch but the hook is missing, a clear error says to call ``apply``.
@@ -19,7 +21,7 @@ import torch
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from ...errors import InputLayoutError
+from ...errors import InputLayoutError, UnsupportedModelError
 from .compute import explicit_attention, sdpa_compute
 from .config import CONFIG_ATTRIBUTE
 from .state import STATE_KWARG
@@ -74,13 +76,22 @@ def hf_kan_attention(module, query, key, value, attention_mask, scaling=None, dr
     if state is None or not _is_decoder_attention(module):
         if state is None and _is_decoder_attention(module) and _has_active_patches(module):
             raise InputLayoutError(
-                "this model's config enables hf_kan patches but the model has no hf_kan hook (e.g. it was just "
-                "loaded with from_pretrained); call hf_kan.patches.apply(model) once to attach it"
+                "this model's config enables hf_kan patches but the model has no hf_kan hook (e.g. a checkpoint saved "
+                "with patches on, loaded with a plain from_pretrained); call hf_kan.patches.apply(model) once to "
+                "attach them, or load with hf_kan.patches.from_pretrained(ModelClass, path). To run it without the "
+                "patches, load with attn_implementation='sdpa' or call hf_kan.patches.detach(model)"
             )
         if isinstance(attention_mask, DeferredMask):
             attention_mask = attention_mask.materialize()
         return sdpa_compute(module, query, key, value, attention_mask, scaling, dropout, kwargs.get("is_causal")), None
     layer_idx = module.layer_idx
+    window = kwargs.get("sliding_window")
+    if window != state.window(layer_idx) and "sliding_window" in kwargs:
+        raise UnsupportedModelError(
+            f"text layer {layer_idx} attends with sliding_window={window} but its config declares "
+            f"{state.window(layer_idx)} (layer_types / sliding_window); hf_kan builds the masks from the config, so "
+            "this model's attention cannot be reproduced exactly"
+        )
     mask, is_causal = state.mask_for(layer_idx, key.shape[2])
     for rt in state.layer_runtimes:
         rt.observe_attention(state, layer_idx, module, query, key, scaling)

@@ -20,7 +20,7 @@ import torch
 from transformers import DynamicCache
 
 from ...errors import InputLayoutError
-from .layout import TokenLayout
+from .layout import PAD, TEXT, TokenLayout
 
 
 class KVLedger:
@@ -28,7 +28,14 @@ class KVLedger:
 
     def __init__(self, num_layers: int):
         self.num_layers = num_layers
-        self.tokens: TokenLayout | None = None
+        # The token table lives in a buffer with spare capacity whose unused columns already hold what a plain text
+        # token has there (text, position = span_end = its column, no image, no grid), so appending a decode step's
+        # token writes nothing (or one ``modality`` column, with padding); ``tokens`` is a view of the filled part,
+        # made when first read after an append. Views are narrowed to the length at their creation: later appends
+        # never change a view handed out.
+        self._buffer: TokenLayout | None = None
+        self._view: TokenLayout | None = None
+        self._seen = 0
         self.held: list[torch.Tensor | None] = [None] * num_layers
         # Per-token data of patches, indexed by original position: name -> (B, N, ...) tensor with N <= seen (VAR's
         # sink flags). Kept in step with beam reordering, batch selection and crop.
@@ -38,15 +45,67 @@ class KVLedger:
         # splits by itself when a layer gets different rows (copy-on-divergence; held tensors are never mutated in
         # place). Consumers (ForwardState's mask and key-layout memos) then do their work once per group.
         self._appended: dict = {}
+        #: some token seen so far is padding (kept by ``extend``, recomputed by batch operations)
+        self._padding = False
+
+    @property
+    def tokens(self) -> TokenLayout | None:
+        """The ``TokenLayout`` of every token seen so far, indexed by original position (``None`` before any)."""
+        if self._view is None and self._buffer is not None:
+            self._view = self._buffer.narrow(0, self._seen)
+        return self._view
+
+    @tokens.setter
+    def tokens(self, layout: TokenLayout | None) -> None:
+        self._buffer = self._view = layout
+        self._seen = 0 if layout is None else layout.length
+        self._padding = layout is not None and bool((layout.modality == PAD).any())
 
     @property
     def seen(self) -> int:
         """Number of original positions seen so far (the length of the token table)."""
-        return 0 if self.tokens is None else self.tokens.length
+        return self._seen
 
-    def extend(self, layout: TokenLayout) -> None:
-        """Append the layout of a new forward's tokens to the token table."""
-        self.tokens = layout if self.tokens is None else self.tokens.cat(layout)
+    @property
+    def has_padding(self) -> bool:
+        """Whether some token seen so far is padding (a Python flag kept up to date by ``extend``)."""
+        return self._padding
+
+    def _grow(self, like: TokenLayout, needed: int) -> TokenLayout:
+        """A buffer for at least ``needed`` positions (doubling), its free columns prefilled as plain text tokens, with
+        the current table copied in."""
+        capacity = max(2 * needed, 64)
+        b = like.batch_size
+        buf = like.empty_like(capacity)
+        buf.modality.fill_(TEXT)
+        column = torch.arange(capacity, device=like.position.device).expand(b, -1)
+        buf.position.copy_(column)
+        buf.span_end.copy_(column)
+        for t in (buf.image_index, buf.grid, buf.row, buf.col):
+            t.fill_(-1)
+        buf.newline.fill_(False)
+        if self._seen:
+            buf.write(0, self.tokens)
+        return buf
+
+    def extend(self, layout: TokenLayout, *, plain_text: bool | None = None) -> None:
+        """Append the layout of a new forward's tokens (``build_layout`` of them, annotated) to the token table.
+        ``plain_text`` (from ``text_layout``, nothing annotated): ``False`` = text tokens without padding, which the
+        buffer's prefill already holds (nothing is written); ``True`` = text with padding (only ``modality`` is
+        written); ``None`` = anything else."""
+        n, t = self._seen, layout.length
+        buf = self._buffer
+        if buf is None or buf.batch_size != layout.batch_size or buf.length < n + t:
+            self._buffer = buf = self._grow(layout, n + t)
+        if plain_text is None:
+            buf.write(n, layout)
+            if not self._padding:  # once padding was seen the flag stays set: no check per forward
+                self._padding = bool((layout.modality == PAD).any())
+        elif plain_text:
+            buf.modality.narrow(1, n, t).copy_(layout.modality)
+            self._padding = True
+        self._seen = n + t
+        self._view = None
         self._appended.clear()
 
     def record(self, layer_idx: int, positions: torch.Tensor | None, seen_before: int, new: int) -> None:
@@ -62,8 +121,8 @@ class KVLedger:
             return
         rows = positions
         if positions is None:
-            b = self.tokens.batch_size
-            positions = torch.arange(seen_before, seen_before + new, device=self.tokens.position.device).expand(b, -1)
+            b = self._buffer.batch_size
+            positions = torch.arange(seen_before, seen_before + new, device=self._buffer.position.device).expand(b, -1)
         before = prev
         if before is None:
             b = positions.shape[0]
@@ -107,8 +166,10 @@ class KVLedger:
         self._appended.clear()
 
     def _batch_map(self, fn) -> None:
-        if self.tokens is not None:
-            self.tokens = self.tokens._map(fn)
+        if self._buffer is not None:  # the whole buffer, so its prefilled spare columns stay usable
+            self._buffer = self._buffer._map(fn)
+            self._view = None
+            self._padding = bool((self.tokens.modality == PAD).any())
         self._map_held(fn)
         self.token_data = {k: fn(v) for k, v in self.token_data.items()}
 
@@ -123,7 +184,8 @@ class KVLedger:
         if tokens_to_remove <= 0 or self.tokens is None:
             return
         keep = self.seen - tokens_to_remove
-        self.tokens = self.tokens.narrow(0, keep) if keep > 0 else None
+        # a fresh table: appends after a crop must not overwrite what views handed out before it show
+        self.tokens = self.tokens.narrow(0, keep)._map(torch.clone) if keep > 0 else None
         self._map_held(lambda h: h[:, : h.shape[1] - tokens_to_remove])
         self.token_data = {k: v[:, :keep] for k, v in self.token_data.items()}
 
@@ -133,12 +195,19 @@ class HFKanCache(DynamicCache):
 
     Created automatically by the hf_kan forward hook (a plain forward or ``generate`` never needs to build it), or
     by hand as ``HFKanCache(config=model.config.get_text_config())``.
+
+    Every layer is a plain ``DynamicLayer`` that keeps all its keys, sliding-window layers included: the window is
+    applied by the mask, by original position (``engine.masks``), which stays exact when layers hold different
+    (pruned) key sets, where a ``DynamicSlidingWindowLayer`` would evict by slot count. The cost is the memory of the
+    keys outside the window.
     """
 
     def __init__(self, *args, config=None, **kwargs):
-        super().__init__(*args, config=config, **kwargs)
         text = config.get_text_config() if config is not None else None
         n = getattr(text, "num_hidden_layers", None) or 0
+        if n and not args and "ddp_cache_data" not in kwargs:
+            kwargs["ddp_cache_data"] = [(None, None)] * n  # n empty full-attention layers, whatever the layer types
+        super().__init__(*args, config=None, **kwargs)
         self.ledger = KVLedger(n)
 
     def _ensure_layers(self, layer_idx: int) -> None:

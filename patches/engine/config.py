@@ -104,6 +104,14 @@ class PatchConfig:
                 parsed[name] = parse_options(name, spec_for(name).config_class, data[name])
         return cls(**parsed)
 
+    def resolved(self, context) -> PatchConfig:
+        """This config with every active patch's config passed through its spec's resolver for ``context``'s model
+        (an ``ApplyContext``): the model-dependent checks ``apply`` makes on its arguments (vocabulary, hidden size,
+        layer count) applied to stored values, so a saved section is trusted no more than an argument. Resolvers may
+        also make model defaults explicit (VAR's layers)."""
+        return type(self)(**{name: spec_for(name).resolve_argument(sub, None, context)
+                             for name, sub in self._patches.items()})
+
     def replace(self, **changes: Any) -> PatchConfig:
         """A copy with the given patches' configs replaced (``None`` turns one off)."""
         return type(self)(**{**self._patches, **changes})

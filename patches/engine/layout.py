@@ -94,6 +94,17 @@ class TokenLayout:
     def narrow(self, start: int, length: int) -> TokenLayout:
         return self._map(lambda t: t.narrow(1, start, length))
 
+    def empty_like(self, length: int) -> TokenLayout:
+        """An uninitialised layout of ``length`` positions with this one's batch size, dtypes and device (a buffer for
+        :meth:`write`)."""
+        return self._map(lambda t: t.new_empty((t.shape[0], length)))
+
+    def write(self, start: int, other: TokenLayout) -> None:
+        """Copy ``other`` into positions ``[start, start + other.length)`` of this layout, in place (only for buffers
+        made by :meth:`empty_like`; layouts handed to patches are never modified)."""
+        for f in dataclasses.fields(self):
+            getattr(self, f.name).narrow(1, start, other.length).copy_(getattr(other, f.name))
+
     def to(self, device) -> TokenLayout:
         return self._map(lambda t: t.to(device))
 
@@ -116,7 +127,10 @@ class VisualItem:
     """The tokens of one image or video in one sample, as a family adapter reports them.
 
     ``start`` is the column of its first token in the current forward's ``input_ids``; ``grid``, ``row``, ``col``
-    and ``newline`` are 1-D tensors with one entry per token of the item (its tokens are contiguous).
+    and ``newline`` are 1-D tensors with one entry per token of the item (its tokens are contiguous). When a forward
+    boundary cuts an item (a chunked prefill), ``start`` may be negative (the item began in an earlier forward) and
+    the item may run past the forward's last column: ``build_layout`` keeps the part inside the forward. Coordinates
+    an adapter cannot know for such a part are ``-1``.
     """
 
     sample: int
@@ -154,29 +168,60 @@ def raster(rows: int, cols: int) -> tuple[torch.Tensor, torch.Tensor]:
     return idx // cols, idx % cols
 
 
+class TextLayoutConstants:
+    """Read-only tensors, per device, that text-only layouts are views of (a decode step's layout then allocates only
+    its ``modality``): 0-d ``TEXT`` / ``PAD`` / ``-1`` / ``False`` and a ``0..N-1`` range that grows as needed."""
+
+    def __init__(self):
+        self._by_device: dict = {}
+
+    def get(self, device: torch.device, length: int) -> dict[str, torch.Tensor]:
+        c = self._by_device.get(device)
+        if c is None or c["range"].numel() < length:
+            c = {"text": torch.tensor(TEXT, dtype=torch.int8, device=device),
+                 "pad": torch.tensor(PAD, dtype=torch.int8, device=device),
+                 "minus": torch.tensor(-1, dtype=torch.long, device=device),
+                 "false": torch.tensor(False, device=device),
+                 "range": torch.arange(max(2 * length, 4096), dtype=torch.long, device=device)}
+            self._by_device[device] = c
+        return c
+
+
+def text_layout(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, offset: int = 0,
+                constants: TextLayoutConstants | None = None) -> tuple[TokenLayout, bool]:
+    """``(layout, padded)`` of a forward without visual tokens (every decode step): expanded views of ``constants``
+    (only a batch with padding allocates its ``modality``), and whether any of its tokens is padding."""
+    b, t = input_ids.shape
+    device = input_ids.device
+    c = (constants or TextLayoutConstants()).get(device, offset + t)
+    views = c.get((b, t))
+    if views is None:  # (b, t) views of the constants; t is 1 for every decode step
+        views = c[(b, t)] = (c["text"].expand(b, t), c["minus"].expand(b, t), c["false"].expand(b, t))
+    text, minus, false = views
+    mask = None if attention_mask is None else attention_mask[:, -t:]
+    padded = mask is not None and not bool(mask.all())
+    modality = torch.where(mask.to(device=device, dtype=torch.bool), c["text"], c["pad"]) if padded else text
+    position = c["range"][offset:offset + t].expand(b, t)
+    return TokenLayout(modality, position, minus, minus, minus, minus, false, position), padded
+
+
 def build_layout(
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor | None,
     items: list[VisualItem],
     offset: int = 0,
+    constants: TextLayoutConstants | None = None,
 ) -> TokenLayout:
     """Assemble a ``TokenLayout`` for the tokens of one forward.
 
     ``attention_mask`` is the 2-D padding mask whose LAST ``T`` columns describe these tokens; ``offset`` is the
     number of tokens seen by earlier forwards (so ``position = offset + column``). Visual tokens come from ``items``;
-    everything else valid is text.
+    everything else valid is text. A text-only layout is made of expanded views of ``constants`` when given.
     """
     b, t = input_ids.shape
     device = input_ids.device
-    if not items:  # text-only forwards (every decode step): a few tensors, shared where read-only
-        if attention_mask is None:
-            modality = torch.full((b, t), TEXT, dtype=torch.int8, device=device)
-        else:
-            modality = torch.where(attention_mask[:, -t:].to(device, torch.bool), TEXT, PAD).to(torch.int8)
-        minus = torch.full((b, t), -1, dtype=torch.long, device=device)
-        position = torch.arange(offset, offset + t, dtype=torch.long, device=device).expand(b, t)
-        newline = torch.zeros((b, t), dtype=torch.bool, device=device)
-        return TokenLayout(modality, position, minus, minus, minus, minus, newline, position)
+    if not items:
+        return text_layout(input_ids, attention_mask, offset, constants)[0]
     modality = torch.full((b, t), TEXT, dtype=torch.int8)
     if attention_mask is not None:
         valid = attention_mask[:, -t:].to("cpu", torch.bool)
@@ -186,14 +231,19 @@ def build_layout(
     newline = torch.zeros((b, t), dtype=torch.bool)
     counters = [0] * b
     for item in items:
-        sl = slice(item.start, item.start + item.length)
+        # an item may start before this forward (a run the previous forward cut) or end after it (cut here): keep the
+        # part inside [0, t)
+        lo, hi = max(0, -item.start), min(item.length, t - item.start)
+        if hi <= lo:
+            continue
+        sl, part = slice(item.start + lo, item.start + hi), slice(lo, hi)
         modality[item.sample, sl] = item.modality
         image_index[item.sample, sl] = counters[item.sample]
         counters[item.sample] += 1
-        grid[item.sample, sl] = item.grid
-        row[item.sample, sl] = item.row
-        col[item.sample, sl] = item.col
-        newline[item.sample, sl] = item.newline
+        grid[item.sample, sl] = item.grid[part]
+        row[item.sample, sl] = item.row[part]
+        col[item.sample, sl] = item.col[part]
+        newline[item.sample, sl] = item.newline[part]
     position = (torch.arange(t, dtype=torch.long) + offset).expand(b, t).clone()
     span_end = position.clone()
     layout = TokenLayout(modality, position, image_index, grid, row, col, newline, span_end)
@@ -205,9 +255,11 @@ __all__ = [
     "PAD",
     "TEXT",
     "VIDEO",
+    "TextLayoutConstants",
     "TokenLayout",
     "VisualItem",
     "build_layout",
+    "text_layout",
     "raster",
     "runs",
 ]

@@ -15,7 +15,9 @@ the ``ForwardState``; the hooks and the backend then call:
   layer, or ``None`` to keep the fused fast path (VAR on its selected layers);
 - ``after_layer(state, layer_idx, hidden_states)`` with the layer's output (DyVTE routers read it here);
 - ``observe_attention(state, layer_idx, module, query, key, scaling)``: read-only attention inputs (pruning scores);
-- ``begin_forward(state, inputs)`` / ``end_forward(state, output)`` once per forward.
+- ``begin_forward(state, inputs)`` / ``end_forward(state, output)`` once per forward;
+- ``prefill_chunk_error(layout, starts)`` before ``generate(..., prefill_chunk_size=N)`` prefills a prompt in several
+  forwards: why the patch cannot follow that split exactly (``None``: it can).
 
 Every method has a no-op default; ``changes_mask``/``uses_layer_hooks`` let the backend skip work for patches that do
 not need it.
@@ -80,5 +82,22 @@ class PatchRuntime:
         """Called once per forward with the model output."""
         return None
 
+    def prefill_chunk_error(self, layout: TokenLayout, starts: list[int]) -> str | None:
+        """``None`` when prefilling a prompt whose (annotated) ``layout`` is ``layout`` as separate forwards starting at
+        the original positions ``starts`` gives exactly what one forward gives; otherwise a short reason, which the
+        engine turns into an error naming ``prefill_chunk_size`` before ``generate`` runs. Default: exact (a patch
+        whose every decision is causal, such as VAR)."""
+        return None
 
-__all__ = ["PatchRuntime"]
+
+def visual_outside_last_chunk(layout: TokenLayout, starts: list[int], what: str) -> str | None:
+    """A ``prefill_chunk_error`` for patches that decide from the whole prompt at once (token pruning scores with the
+    last prompt token; DyVTE's routers read the text after the image): exact only when every visual token is in the
+    last chunk, which then holds each image with everything after it."""
+    if len(starts) > 1 and bool((layout.visual & (layout.position < starts[-1])).any()):
+        return (f"{what} decides from the whole prompt at once (its last token), so every visual token must be in the "
+                "last chunk")
+    return None
+
+
+__all__ = ["PatchRuntime", "visual_outside_last_chunk"]

@@ -20,7 +20,7 @@ from .cache import HFKanCache
 from .compute import COMPUTE
 from .config import PatchConfig
 from .layout import TokenLayout
-from .masks import base_mask, causal_is_trivial_at
+from .masks import causal_is_trivial_at, metadata_mask
 
 STATE_KWARG = "hf_kan_state"
 
@@ -29,8 +29,13 @@ class ForwardState:
     """Per-forward metadata and mask memo of the hf_kan backend."""
 
     def __init__(self, config: PatchConfig, layout: TokenLayout, cache: HFKanCache | None, runtimes: list,
-                 seen_before: int, compute: str = "sdpa", model=None):
+                 seen_before: int, compute: str = "sdpa", model=None, windows: tuple[int | None, ...] = (),
+                 widened: bool = False):
         self.config = config
+        #: per decoder layer, its sliding window (``None`` = full causal attention); ``engine.windows``
+        self.windows = windows
+        #: some token's ``span_end`` reaches past its own position in this forward (``annotate_layout``, MMA)
+        self.widened = widened
         # weak, so a state kept on an output or a (deep-copied) cache never holds or copies the model
         self._model = weakref.ref(model) if model is not None else None
         self.layout = layout
@@ -45,6 +50,9 @@ class ForwardState:
         self.layer_runtimes = [r for r in runtimes if r.uses_layer_hooks]
         self._layer_dependent = any(r.layer_dependent_mask for r in self.mask_runtimes)
         self.scratch: dict = {}  # per-forward storage for patches (e.g. VAR sink sets, pruning keep sets)
+        self._padding: bool | None = None
+        #: called when a runtime added during the forward needs the decoder-layer hooks (set by the model hook)
+        self.needs_layer_hooks = None
 
     @property
     def model(self):
@@ -61,6 +69,28 @@ class ForwardState:
             self._masks.clear()
         if runtime.uses_layer_hooks:
             self.layer_runtimes.append(runtime)
+            if self.needs_layer_hooks is not None:
+                self.needs_layer_hooks()
+
+    def release(self) -> None:
+        """Drop the per-forward memos (masks, key layouts) once the forward is over; the state itself may be kept on
+        the output and the cache."""
+        self._masks.clear()
+        self._key_layouts.clear()
+        self.needs_layer_hooks = None
+
+    def window(self, layer_idx: int) -> int | None:
+        """The sliding window of decoder layer ``layer_idx`` (``None``: full causal attention)."""
+        return self.windows[layer_idx] if layer_idx < len(self.windows) else None
+
+    def _any_padding(self) -> bool:
+        """Whether a padding token is among this forward's keys (the ledger's, or the layout's without a cache)."""
+        if self._padding is None:
+            if self.cache is not None:
+                self._padding = self.cache.ledger.has_padding
+            else:
+                self._padding = not bool(self.layout.valid.all())
+        return self._padding
 
     # --- rows ------------------------------------------------------------------------------------------------
     def drop_rows(self, from_layer: int, positions: torch.Tensor) -> None:
@@ -128,28 +158,43 @@ class ForwardState:
 
     # --- masks -----------------------------------------------------------------------------------------------
     def mask_for(self, layer_idx: int, key_length: int) -> tuple[torch.Tensor | None, bool]:
-        """``(mask, is_causal)`` for layer ``layer_idx``: a ``(B, 1, T, S)`` bool mask, or ``None`` with
-        ``is_causal`` telling SDPA to apply plain causal masking. Memoised across layers that share rows and keys."""
+        """``(mask, is_causal)`` for layer ``layer_idx``: a ``(B, 1, T, S)`` bool mask (``engine.masks``: causal by
+        original position, padding, the layer's window, ``span_end`` widening, then the runtimes' ``mask_rule``), or
+        ``None`` with ``is_causal`` telling SDPA to apply plain causal masking. Memoised across layers that share
+        rows, keys and window."""
         rows = self.row_positions(layer_idx)
+        window = self.window(layer_idx)
         if self.cache is None:
             kkey = self.key_layout(layer_idx, key_length)[1]
         else:
             kkey = self._held(layer_idx, key_length)[1]
-        memo = (None if rows is None else id(rows), kkey, layer_idx if self._layer_dependent else None)
+        memo = (None if rows is None else id(rows), kkey, window, layer_idx if self._layer_dependent else None)
         hit = self._masks.get(memo)
         if hit is not None:
             return hit
         q = self.query_layout(layer_idx)
-        if not self.mask_runtimes and causal_is_trivial_at(q.position, *self._key_positions(layer_idx, key_length)):
+        if not self.mask_runtimes and not self.widened and self._plain_causal(layer_idx, key_length, rows, kkey,
+                                                                             window, q):
             result = (None, q.length > 1)
         else:
             k = self.key_layout(layer_idx, key_length)[0]
-            allowed = base_mask(q, k)
+            allowed = metadata_mask(q, k, window, spans=self.widened)
             for rt in self.mask_runtimes:
                 allowed = rt.mask_rule(self, layer_idx, q, k, allowed)
             result = (allowed[:, None], False)
         self._masks[memo] = result
         return result
+
+    def _plain_causal(self, layer_idx: int, key_length: int, rows, kkey, window, q: TokenLayout) -> bool:
+        """Whether the layer's mask is plain causal attention aligned at the end (SDPA needs no mask). When no row was
+        dropped and the layer holds every token, the positions are consecutive columns, so only the lengths, the
+        padding flag and the window need checking (no tensor work: the decode-step path)."""
+        if rows is None and kkey[1] is None:
+            t, s = q.length, key_length
+            if t not in (1, s) or self._any_padding():
+                return False
+            return window is None or self.seen_before + t - 1 < window
+        return causal_is_trivial_at(q.position, *self._key_positions(layer_idx, key_length), window)
 
 
 __all__ = ["STATE_KWARG", "ForwardState"]

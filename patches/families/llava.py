@@ -1,24 +1,18 @@
 """LLaVA-1.5 (``llava``): one contiguous run of ``image_token_id`` per image, an ``s x s`` raster grid
-(``s = image_size // patch_size``), preceded by one CLS token when ``vision_feature_select_strategy == "full"``."""
+(``s = image_size // patch_size``), preceded by one CLS token when ``vision_feature_select_strategy == "full"``.
+
+Every image has the same ``n`` tokens, so an image cut by a forward boundary (chunked prefill) is continued exactly
+from the number of visual tokens that ended the previous forward (``lead``)."""
 
 from __future__ import annotations
 
 import torch
 
 from ..engine.layout import IMAGE, VisualItem, raster
-from .base import FamilyAdapter, encoder_image_features, mismatch, split_runs
+from .base import FamilyAdapter, encoder_image_features, feature_rows, mismatch, split_runs
 
 
-def _num_images(inputs: dict) -> int | None:
-    pv = inputs.get("pixel_values")
-    if pv is not None:
-        return int(pv.shape[0])
-    feats = encoder_image_features(inputs)
-    return None if feats is None else len(feats)
-
-
-def visual_items(model, input_ids: torch.Tensor, inputs: dict) -> list[VisualItem]:
-    cfg = model.config
+def _item_tokens(cfg) -> tuple[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     s = cfg.vision_config.image_size // cfg.vision_config.patch_size
     cls = 1 if cfg.vision_feature_select_strategy == "full" else 0
     n = s * s + cls
@@ -28,24 +22,36 @@ def visual_items(model, input_ids: torch.Tensor, inputs: dict) -> list[VisualIte
         rows = torch.cat([torch.tensor([-1]), rows])
         cols = torch.cat([torch.tensor([-1]), cols])
         grid[0] = -1
-    newline = torch.zeros(n, dtype=torch.bool)
-    items = []
-    total = 0
+    return n, grid, rows, cols, torch.zeros(n, dtype=torch.bool)
+
+
+def visual_items(model, input_ids: torch.Tensor, inputs: dict, lead: list[int] | None = None) -> list[VisualItem]:
+    lead = lead or [0] * input_ids.shape[0]
+    cfg = model.config
+    n, grid, rows, cols, newline = _item_tokens(cfg)
+    pv = inputs.get("pixel_values")
+    feats = encoder_image_features(inputs) if pv is None else None
+    # raw pixels always hold whole images; pre-encoded features are sliced per chunk in a chunked prefill
+    pieces = pv is None and feats is not None
+    t = input_ids.shape[1]
+    items, total = [], 0
     for b, sample_runs in enumerate(split_runs(input_ids, cfg.image_token_id)):
         for start, stop in sample_runs:
-            if (stop - start) % n:
+            head = lead[b] % n if (start == 0 and pieces) else 0  # tokens of this image seen by earlier forwards
+            if (head + stop - start) % n and not (pieces and stop == t):
+                length = head + stop - start
                 raise mismatch(
-                    "image tokens in one run", stop - start, n * max(1, round((stop - start) / n)),
+                    "image tokens in one run", length, n * max(1, round(length / n)),
                     f"each LLaVA image takes exactly {n} consecutive image tokens; build the prompt with the "
                     "model's processor",
                 )
-            for first in range(start, stop, n):
+            for first in range(start - head, stop, n):
                 items.append(VisualItem(b, first, IMAGE, grid, rows, cols, newline))
             total += stop - start
-    expected = _num_images(inputs)
-    if expected is not None and total != expected * n:
-        raise mismatch("image tokens", total, expected * n,
-                       f"{expected} image(s) x {n} tokens each; check the number of <image> placeholders")
+    expected = int(pv.shape[0]) * n if pv is not None else (feature_rows(feats) if feats is not None else None)
+    if expected is not None and total != expected:
+        raise mismatch("image tokens", total, expected,
+                       f"{n} tokens per image; check the number of <image> placeholders against the images")
     return items
 
 

@@ -3,7 +3,9 @@
 item's row of ``image_grid_thw`` / ``video_grid_thw`` (patches before merging), ``m = spatial_merge_size``.
 
 Inside ``generate`` the grids never reach ``forward``; the grid coordinates are then read from the M-RoPE position
-ids ``generate`` passes (rows t/h/w, minus the item's first position).
+ids ``generate`` passes (rows t/h/w, minus the item's first position). In a chunked prefill, the part of an item that
+continues one the previous forward cut has unknown coordinates (its first position is in the earlier forward); the
+part a forward cuts at its end keeps them.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from ..engine.layout import IMAGE, VIDEO, VisualItem, raster
-from .base import FamilyAdapter, mismatch, split_runs
+from .base import FamilyAdapter, mismatch, split_runs, unknown_coordinates
 
 
 def _from_thw(t: int, h: int, w: int, m: int):
@@ -27,7 +29,8 @@ def _from_positions(pos3: torch.Tensor, b: int, start: int, stop: int):
     return grid, h_ids - h_ids.min(), w_ids - w_ids.min()
 
 
-def visual_items(model, input_ids: torch.Tensor, inputs: dict) -> list[VisualItem]:
+def visual_items(model, input_ids: torch.Tensor, inputs: dict, lead: list[int] | None = None) -> list[VisualItem]:
+    lead = lead or [0] * input_ids.shape[0]
     cfg = model.config
     m = cfg.vision_config.spatial_merge_size
     pos = inputs.get("position_ids")
@@ -49,7 +52,9 @@ def visual_items(model, input_ids: torch.Tensor, inputs: dict) -> list[VisualIte
         for b, rs in enumerate(sample_runs):
             for start, stop in rs:
                 newline = torch.zeros(stop - start, dtype=torch.bool)
-                if thw is not None:
+                if thw is None and start == 0 and lead[b]:  # continues an item the previous forward cut
+                    grid, rows, cols, _ = unknown_coordinates(stop - start)
+                elif thw is not None:
                     t, h, w = thw[k]
                     need = t * (h // m) * (w // m)
                     if need != stop - start:

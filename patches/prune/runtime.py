@@ -32,7 +32,7 @@ from torch import nn
 from ...errors import HFKanConfigError, InputLayoutError
 from ..engine.cache import HFKanCache
 from ..engine.dropping import check_no_labels, current_rows, drop_tokens
-from ..engine.runtime import PatchRuntime
+from ..engine.runtime import PatchRuntime, visual_outside_last_chunk
 from .config import PruneConfig
 from .debias import (
     debias_scores,
@@ -86,6 +86,9 @@ class PruneRuntime(PatchRuntime):
         self.enabled = False
         self.padding: torch.Tensor | None = None
         self.record: dict = {"scores": {}, "kept": {}, "padding": None, "padding_source": None}
+
+    def prefill_chunk_error(self, layout, starts):
+        return visual_outside_last_chunk(layout, starts, "visual-token pruning")
 
     # --- forward boundaries ----------------------------------------------------------------------------------
     def begin_forward(self, state, inputs: dict) -> None:

@@ -47,6 +47,11 @@ def _int_tuple(name: str, value, hint: str) -> tuple[int, ...]:
 class VARConfig:
     """Visual attention redistribution: move attention from sink tokens to the image in image-centric heads.
 
+    VAR acts on the rows of query positions that have at least one image before them (after the end of each sample's
+    first image span, prefill and decoding alike; positions up to the end of the first image are never changed). The
+    rule is causal, so cached decoding over multi-turn, multi-image conversations equals a recompute; for a
+    single-image prompt the queries are the text after the image.
+
     Args:
         sink_dims: hidden dimensions with massive activations (``D_sink``). Found from the model's first-token hidden
             state by ``find_sink_dims`` (``apply(model, var=True)`` does it when none are given, and

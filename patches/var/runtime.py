@@ -8,8 +8,11 @@ Per configured decoder layer l:
    every forward (prefill and each decode step) and stored per ORIGINAL position in the cache ledger
    (``ledger.token_data["var_sink"]``, ``(B, N, L)`` bool), so decode steps know which cached keys are sinks, also
    when token pruning makes layer l hold a subset of positions.
-2. **Queries**: real tokens that come after the sample's last image token (prefill: the text after the last image
-   span; decoding: every generated token). Earlier positions are never changed.
+2. **Queries** (causal): real tokens with at least one image before them, i.e. after the end of the sample's first
+   image span (a maximal run of visual tokens of the configured modalities; images directly adjacent, with no text
+   token between them, form one span), in prefill and decoding alike. Whether a position is a query never depends on
+   what comes after it, so cached decoding over multi-turn, multi-image conversations equals a recompute. Positions
+   up to the end of the first image are never changed (for a single-image prompt: exactly the text after the image).
 3. **Image-centric rows** per (head, query), on post-softmax probabilities alpha: ``S = sum_{j image} alpha_j``,
    ``A = sum_{j image, not sink} alpha_j``; selected when ``S >= min_image_attention`` and ``A >= rho * S`` (i.e.
    ``r = A / S >= rho``, the paper's convention) and ``A > 0``.
@@ -29,12 +32,14 @@ from collections.abc import Callable
 import torch
 
 from ...errors import InputLayoutError
+from ...ops.attention.reference import var_redistribute as redistribute
 from ..engine.layout import modality_codes
 from ..engine.runtime import PatchRuntime
 from .config import VARConfig
 
 SINK_KEY = "var_sink"  # ledger.token_data / state.scratch: (B, N, L) bool sink flags by original position
 TRACE_KEY = "var_trace"  # state.scratch: a dict that, when present, receives per-layer diagnostics
+SPAN_KEY = "var_first_span_end"  # state.scratch: (B,) end of each sample's first image span, once per forward
 
 
 def sink_scores(hidden: torch.Tensor, sink_dims: tuple[int, ...] | list[int]) -> torch.Tensor:
@@ -44,41 +49,6 @@ def sink_scores(hidden: torch.Tensor, sink_dims: tuple[int, ...] | list[int]) ->
     rms = x.pow(2).mean(-1, keepdim=True).sqrt().clamp_min(torch.finfo(torch.float32).tiny)
     idx = torch.as_tensor(list(sink_dims), device=x.device)
     return (x.index_select(-1, idx) / rms).abs().amax(-1)
-
-
-def redistribute(
-    probs: torch.Tensor,
-    sink: torch.Tensor,
-    image: torch.Tensor,
-    query: torch.Tensor,
-    p: float,
-    rho: float,
-    min_image_attention: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The VAR rule on post-softmax probabilities (the reference and the only implementation).
-
-    Args:
-        probs: ``(..., T, S)`` attention probabilities (rows sum to 1).
-        sink: ``(..., 1 or T, S)`` bool, key j is a sink token.
-        image: ``(..., 1 or T, S)`` bool, key j is an image token.
-        query: ``(..., T)`` bool, query i may be changed (comes after the image).
-        p, rho, min_image_attention: see ``VARConfig``.
-
-    Returns ``(new_probs, selected)``: rows with ``selected`` (``(..., T)`` bool) set get sinks scaled by ``p`` and the
-    freed mass ``Omega = (1 - p) * sum_sink alpha`` added to non-sink image keys proportionally to their attention;
-    other rows are returned bit-for-bit unchanged.
-    """
-    zero = probs.new_zeros(())
-    nonsink_image = image & ~sink
-    mass_image = torch.where(image, probs, zero).sum(-1)
-    mass_nonsink_image = torch.where(nonsink_image, probs, zero).sum(-1)
-    mass_sink = torch.where(sink, probs, zero).sum(-1)
-    selected = (query & (mass_image >= min_image_attention) & (mass_nonsink_image >= rho * mass_image)
-                & (mass_nonsink_image > 0))
-    omega = (1.0 - p) * mass_sink
-    gain = 1.0 + omega / torch.where(selected, mass_nonsink_image, torch.ones_like(mass_nonsink_image))
-    factor = torch.where(sink, probs.new_tensor(p), torch.where(nonsink_image, gain[..., None], probs.new_ones(())))
-    return torch.where(selected[..., None], probs * factor, probs), selected
 
 
 def _table(state, width: int) -> torch.Tensor:
@@ -101,13 +71,20 @@ def _table(state, width: int) -> torch.Tensor:
     return table
 
 
-def _last_visual_position(state, codes) -> torch.Tensor:
-    """``(B,)`` original position of each sample's last visual token among all tokens seen (-1 when none)."""
-    tokens = state.cache.ledger.tokens if state.cache is not None else state.layout
-    is_vis = torch.zeros_like(tokens.modality, dtype=torch.bool)
+def first_span_end(tokens, codes) -> torch.Tensor:
+    """``(B,)`` original position of the last token of each sample's first image span (the first maximal run of
+    visual tokens of modalities ``codes`` in ``tokens``, a ``TokenLayout`` indexed by original position); ``-1`` when
+    the sample has no visual token yet, and ``tokens.length - 1`` while that span is still open (it may continue in
+    the next forward, so no position after it has been seen)."""
+    vis = torch.zeros_like(tokens.modality, dtype=torch.bool)
     for c in codes:
-        is_vis |= tokens.modality == c
-    return torch.where(is_vis, tokens.position, torch.full_like(tokens.position, -1)).amax(-1)
+        vis |= tokens.modality == c
+    n = tokens.length
+    col = torch.arange(n, device=vis.device).expand_as(vis)
+    first = torch.where(vis, col, n).amin(-1)  # (B,) first visual column, n if none
+    after = ~vis & (col > first[:, None])
+    end = torch.where(after, col, n).amin(-1) - 1  # last column of the first run
+    return torch.where(first < n, end, -1)
 
 
 class VARRuntime(PatchRuntime):
@@ -152,8 +129,11 @@ class VARRuntime(PatchRuntime):
             raise InputLayoutError(f"VAR found no sink scores for layer {layer_idx}; were the hf_kan layer hooks "
                                    "removed? call hf_kan.patches.apply(model)")
         q = state.query_layout(layer_idx)
-        last = _last_visual_position(state, self.codes)
-        query = q.valid & (last[:, None] >= 0) & (q.position > last[:, None])
+        end = state.scratch.get(SPAN_KEY)
+        if end is None:
+            tokens = state.cache.ledger.tokens if state.cache is not None else state.layout
+            end = state.scratch[SPAN_KEY] = first_span_end(tokens, self.codes).to(q.position.device)
+        query = q.valid & (end[:, None] >= 0) & (q.position > end[:, None])
         if not bool(query.any()):
             return None  # no query after an image in this forward: VAR is the identity, keep the fast path
         cfg = self.config
@@ -196,4 +176,4 @@ def _record(trace: dict, layer_idx: int, rows: slice, before: torch.Tensor, afte
         per_layer["after"].append((rows.start, after.detach().clone()))
 
 
-__all__ = ["SINK_KEY", "TRACE_KEY", "VARRuntime", "redistribute", "sink_scores"]
+__all__ = ["SINK_KEY", "TRACE_KEY", "VARRuntime", "first_span_end", "redistribute", "sink_scores"]

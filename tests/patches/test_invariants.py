@@ -3,14 +3,21 @@
 - off == sdpa: a neutral setting (one that must change nothing) gives sdpa's prefill logits (left and right
   padding) and sdpa's greedy ``generate``;
 - padded batch == each sample alone (left and right padding), also for rows that token dropping removed;
-- cached decode == recompute: a cached greedy ``generate`` equals ``generate(use_cache=False)`` with every layer seeing
-  the keys the cached prefill kept in it (token-dropping patches off, the dropped prompt positions hidden instead);
-- beam search == recompute: the same for beam search (the cache and its ledger are reordered every step).
+- cached conversation == recompute: two turns, the second with a new image, each a cached greedy ``generate`` from the
+  cache the previous turn left, equal ``generate(use_cache=False)`` over the whole conversation with every layer seeing
+  the keys the cached run kept in it (token-dropping patches off, the dropped prompt positions hidden instead);
+- beam search == recompute: the same for beam search (the cache and its ledger are reordered every step);
+- chunked prefill is exact or refused: ``generate(..., prefill_chunk_size=N)`` equals the one-forward prefill (and,
+  with every patch off, stock ``sdpa`` under the same chunking), or raises an error naming ``prefill_chunk_size``
+  before anything runs when a patch needs the image and later prompt text in one forward;
+- detach gives stock sdpa: after a patched forward, ``detach`` leaves a model that computes what ``sdpa`` computes.
 
 Settings: all off, each patch's neutral setting, each patch on, all patches on, and pruning + a DyVTE exit dropping
 at the same layer. Every setting also checks that its patches really acted (``Setting.checks``), so no cell passes
-vacuously. A new family (``vlm_models.FAMILY_SPECS``) or a new patch (a neutral and an "on" row here) inherits all
-of it. Models: 4 decoder layers, BOS planted with massive activations (VAR's sink), built once per module."""
+vacuously. Families: the four supported ones, plus their sliding-window variants (``V.WINDOW_FAMILIES``: every layer,
+or the ``sliding_attention`` layers, attend within a window) on the settings in ``WINDOW_SETTINGS``. A new family
+(``vlm_models.FAMILY_SPECS``) or a new patch (a neutral and an "on" row here) inherits all of it. Models: 4 decoder
+layers, BOS planted with massive activations (VAR's sink), built once per module."""
 
 from __future__ import annotations
 
@@ -28,9 +35,12 @@ from hf_kan.patches.var.picture import record_var
 
 import hf_kan  # noqa: F401
 from hf_kan import patches as P
+from hf_kan.errors import InputLayoutError
 
 LAYERS = 4
 PROMPTS = [V.standard_prompt(2, before=1), V.standard_prompt(1, before=5, after=4)]
+#: a second user turn with one new image per sample (after the first turn's prompt and answer)
+TURN2 = [[V.USER, 30, V.IMG, 31, 32, V.ASSISTANT], [V.USER, 33, 34, V.IMG, 35, V.ASSISTANT]]
 GREEDY = dict(max_new_tokens=3, do_sample=False, suppress_tokens=V.SUPPRESS, return_dict_in_generate=True,
               output_logits=True)
 BEAM = dict(max_new_tokens=3, do_sample=False, suppress_tokens=V.SUPPRESS, num_beams=3, num_return_sequences=2,
@@ -45,7 +55,11 @@ model_for = V.module_model_cache(LAYERS, prepare=V.plant_sink_dims)
 
 
 def _mma_acted(state, trace) -> bool:
-    return bool((state.layout.span_end > state.layout.position).any())
+    return state.widened and bool((state.layout.span_end > state.layout.position).any())
+
+
+def _mma_ran_without_widening(state, trace) -> bool:
+    return any(rt.name == "mma" for rt in state.runtimes) and not state.widened
 
 
 def _var_acted(state, trace) -> bool:
@@ -96,21 +110,25 @@ class Setting:
     checks: tuple[Callable, ...] = ()
     #: DyVTE routers randomised and the threshold put between the two samples' layer-0 exit probabilities
     mixed_exits: bool = False
+    #: exact under a chunked prefill that separates the images from the rest of the prompt (else refused)
+    chunks_exact: bool = False
     atol: float = 1e-5
 
 
 SETTINGS = [
-    Setting("off", {}, neutral=True, atol=1e-6),
-    # MMA for video only, on image prompts: spans are annotated but no query may use them
-    Setting("mma-neutral", {"mma": {**MMA, "modalities": ["video"]}}, neutral=True, checks=(_mma_acted,), atol=1e-6),
+    Setting("off", {}, neutral=True, chunks_exact=True, atol=1e-6),
+    # MMA for video only, on image prompts: the runtime runs and widens nothing
+    Setting("mma-neutral", {"mma": {**MMA, "modalities": ["video"]}}, neutral=True,
+            checks=(_mma_ran_without_widening,), chunks_exact=True, atol=1e-6),
     # VAR with p = 1: rows are selected and recomputed with explicit probabilities, and nothing moves
-    Setting("var-neutral", {"var": {**VAR, "p": 1.0}}, neutral=True, checks=(_var_acted,)),
+    Setting("var-neutral", {"var": {**VAR, "p": 1.0}}, neutral=True, checks=(_var_acted,), chunks_exact=True),
     Setting("prune-neutral", {"prune": {**PRUNE, "keep_ratios": [1.0]}}, neutral=True,
             checks=(_prune_kept_every_real_token,)),
     # untrained routers output p(exit) = 0.5 exactly and never exit at threshold 0.5
     Setting("dyvte-neutral", {"dyvte": DYVTE}, neutral=True, checks=(_routers_ran_and_never_exited,)),
     Setting("mma", {"mma": MMA}, checks=(_mma_acted,)),
-    Setting("var", {"var": VAR}, checks=(_var_acted,)),
+    # VAR's decisions are causal (sinks per position, queries after the first image): chunking cannot change them
+    Setting("var", {"var": VAR}, checks=(_var_acted,), chunks_exact=True),
     Setting("prune", {"prune": PDROP}, checks=(_pruned,)),
     Setting("dyvte", {"dyvte": DYVTE}, mixed_exits=True, checks=(_samples_exited_at_different_layers,)),
     # layer 0 holds everything, layers 1 and 2 PDrop's kept visual tokens (ranked under MMA's mask), layer 3 text only
@@ -122,10 +140,19 @@ SETTINGS = [
 ]
 NEUTRAL = [s for s in SETTINGS if s.neutral]
 OFF = {name: False for name in registry.names()}
+#: the settings the sliding-window variants also run: the window composes with each patch that changes visibility or
+#: drops keys, and with all of them at once
+WINDOW_SETTINGS = ("off", "mma", "var", "prune", "all")
+#: a prefill chunk size that separates PROMPTS' images from the prompt text after them
+CHUNK = 7
 
 
-def _ids(settings):
-    return [s.name for s in settings]
+def cells(settings: list[Setting], window_settings=WINDOW_SETTINGS) -> list:
+    """``(family, setting)`` parameters: every family with every setting, and the sliding-window variants with the
+    settings in ``window_settings``."""
+    out = [pytest.param(f, s, id=f"{f}-{s.name}") for f in V.FAMILIES for s in settings]
+    return out + [pytest.param(f, s, id=f"{f}-{s.name}") for f in V.WINDOW_FAMILIES for s in settings
+                  if s.name in window_settings]
 
 
 def configure(family: str, setting: Setting):
@@ -198,22 +225,31 @@ class KeepOnly(PatchRuntime):
         return allowed & (kept[:, None, :] | own)
 
 
-def recompute(model, setting: Setting, inputs: dict, cached, **generate_kwargs):
+def recompute(model, setting: Setting, inputs: dict, rows: list, **generate_kwargs):
     """``generate(use_cache=False)`` under ``setting`` with its token-dropping patches replaced by ``KeepOnly`` over
-    the rows ``cached``'s prefill kept in every layer."""
-    prefill = cached.cache.hf_kan_prefill_state
-    rows = [prefill.row_positions(layer) for layer in range(LAYERS)]
+    ``rows`` (per layer, the original positions a cached run kept; ``None`` = all)."""
     dropping = [name for name in setting.patches if name in DROPPING]
     P.apply(model, **{name: False for name in dropping})
     with extra_runtime(model, KeepOnly(rows, inputs["input_ids"].shape[1])):
         return model.generate(**inputs, use_cache=False, **generate_kwargs)
 
 
+def held(cache) -> list:
+    """Per layer, the original positions a cache holds now (``None``: every position); held tensors are never
+    changed in place, so this list is a snapshot."""
+    return list(cache.ledger.held)
+
+
+def assert_same_generation(cached, full):
+    assert torch.equal(cached.sequences, full.sequences)
+    for x, y in zip(cached.logits, full.logits):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5)
+
+
 # ------------------------------------------------------------------------------------------- the table
 
 
-@pytest.mark.parametrize("setting", NEUTRAL, ids=_ids(NEUTRAL))
-@pytest.mark.parametrize("family", V.FAMILIES)
+@pytest.mark.parametrize("family, setting", cells(NEUTRAL))
 def test_neutral_setting_equals_sdpa(family, setting):
     model = configure(family, setting)
     for side in ("left", "right"):
@@ -232,8 +268,7 @@ def test_neutral_setting_equals_sdpa(family, setting):
         torch.testing.assert_close(x, y, rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("setting", SETTINGS, ids=_ids(SETTINGS))
-@pytest.mark.parametrize("family", V.FAMILIES)
+@pytest.mark.parametrize("family, setting", cells(SETTINGS))
 def test_padded_batch_equals_each_sample_alone(family, setting):
     model = configure(family, setting)
     for side in ("left", "right"):
@@ -253,24 +288,76 @@ def test_padded_batch_equals_each_sample_alone(family, setting):
                                        rtol=setting.atol, atol=setting.atol)
 
 
-@pytest.mark.parametrize("setting", SETTINGS, ids=_ids(SETTINGS))
-@pytest.mark.parametrize("family", V.FAMILIES)
-def test_cached_decode_equals_recompute(family, setting):
+@pytest.mark.parametrize("family, setting", cells(SETTINGS))
+def test_cached_conversation_equals_recompute(family, setting):
+    """Two turns, the second with a new image, each generated from the cache the previous one left."""
     model = configure(family, setting)
-    inputs = V.make_inputs(family, PROMPTS, "left")
-    cached = model.generate(**inputs, **GREEDY)
-    assert isinstance(cached.cache, P.HFKanCache) and cached.cache.ledger.seen == cached.sequences.shape[1] - 1
-    full = recompute(model, setting, inputs, cached, **GREEDY)
-    assert torch.equal(cached.sequences, full.sequences)
-    for x, y in zip(cached.logits, full.logits):
-        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5)
+    first = V.make_inputs(family, PROMPTS, "left")
+    turn1 = model.generate(**first, **GREEDY)
+    assert isinstance(turn1.cache, P.HFKanCache) and turn1.cache.ledger.seen == turn1.sequences.shape[1] - 1
+    rows1 = held(turn1.cache)
+    cached, full = V.next_turn(family, model, first, turn1.sequences, TURN2)
+    turn2 = model.generate(**cached, cache=turn1.cache, **GREEDY)
+    assert turn2.cache.ledger.seen == turn2.sequences.shape[1] - 1
+    assert bool((cached["input_ids"][:, turn1.sequences.shape[1]:] == V.IMAGE).any(-1).all())  # new images
+    rows2 = held(turn2.cache)
+    assert_same_generation(turn1, recompute(model, setting, first, rows1, **GREEDY))
+    assert_same_generation(turn2, recompute(model, setting, full, rows2, **GREEDY))
 
 
-@pytest.mark.parametrize("setting", SETTINGS, ids=_ids(SETTINGS))
-@pytest.mark.parametrize("family", V.FAMILIES)
+@pytest.mark.parametrize("family, setting", cells(SETTINGS, window_settings=("off", "all")))
 def test_beam_search_equals_recompute(family, setting):
     model = configure(family, setting)
     inputs = V.make_inputs(family, PROMPTS, "left")
     cached = model.generate(**inputs, **BEAM)
-    full = recompute(model, setting, inputs, cached, **BEAM)
+    prefill = cached.cache.hf_kan_prefill_state
+    full = recompute(model, setting, inputs, [prefill.row_positions(layer) for layer in range(LAYERS)], **BEAM)
     assert torch.equal(cached.sequences, full.sequences)
+
+
+def late_images(family: str) -> tuple[dict, int]:
+    """Prompts whose image comes after more than half of the text, and the chunk size that puts every image token,
+    with everything after it, in the last of two chunks (the first holds text only)."""
+    def prompt(before):
+        return [V.BOS, V.USER, *(10 + i % 50 for i in range(before)), V.IMG, 20, 21, 22, V.ASSISTANT]
+
+    for before in range(20, 400, 10):
+        inputs = V.make_inputs(family, [prompt(before), prompt(before + 2)])
+        first = int((inputs["input_ids"] == V.IMAGE).to(torch.int8).argmax(-1).min())
+        if 2 * first >= inputs["input_ids"].shape[1]:
+            return inputs, first
+    raise AssertionError("no late-image prompt found")
+
+
+@pytest.mark.parametrize("family, setting", cells(SETTINGS))
+def test_chunked_prefill_is_exact_or_refused(family, setting):
+    model = configure(family, setting)
+    inputs = V.make_inputs(family, PROMPTS, "left")
+    if setting.chunks_exact:
+        chunked = model.generate(**inputs, prefill_chunk_size=CHUNK, **GREEDY)
+        assert_same_generation(chunked, model.generate(**inputs, **GREEDY))
+        if not setting.patches:  # every patch off: what stock sdpa computes under the same chunking
+            assert_same_generation(chunked, model_for(family, "sdpa").generate(**inputs, prefill_chunk_size=CHUNK,
+                                                                                **GREEDY))
+        return
+    with pytest.raises(InputLayoutError, match="prefill_chunk_size"):
+        model.generate(**inputs, prefill_chunk_size=CHUNK, **GREEDY)
+    # every image in the last chunk, with the whole rest of the prompt: exact for these patches too
+    late, chunk = late_images(family)
+    assert_same_generation(model.generate(**late, prefill_chunk_size=chunk, **GREEDY), model.generate(**late, **GREEDY))
+
+
+@pytest.mark.parametrize("family, setting", cells(SETTINGS))
+def test_detach_gives_stock_sdpa(family, setting):
+    model = configure(family, setting)
+    inputs = V.make_inputs(family, PROMPTS, "left")
+    with torch.no_grad():
+        model(**inputs)  # a patched forward
+    P.detach(model)
+    assert not P.status(model)["running"] and P.status(model)["active"] == sorted(setting.patches, key=list(
+        registry.names()).index)
+    with torch.no_grad():
+        logits = model(**inputs).logits
+    valid = inputs["attention_mask"].bool()
+    torch.testing.assert_close(logits[valid], sdpa_reference(family, "left")[valid], rtol=0, atol=1e-6)
+    assert_same_generation(model.generate(**inputs, **GREEDY), sdpa_reference(family, "generate"))
