@@ -99,6 +99,11 @@ class VLMTrainingArguments:
     cpu: bool = field(default=False, metadata={"help": "force CPU even when a GPU is present"})
     progress_bar: bool = field(default=True, metadata={"help": "show a tqdm bar (main process only)"})
     save_model: bool = field(default=True, metadata={"help": "write the best model to output_dir"})
+    init_from: str | None = field(
+        default=None,
+        metadata={"help": "continue from the weights of a model directory this trainer saved (tower and sizes must "
+                  "match; the learning-rate schedule and the step count start afresh)"},
+    )
 
     def __post_init__(self) -> None:
         if self.tower not in TOWERS:
@@ -205,6 +210,23 @@ def _log_evaluation(output_dir: str, entry: dict[str, Any]) -> None:
         handle.write(json.dumps(entry) + "\n")
 
 
+def load_weights(model: Any, directory: str) -> None:
+    """Copy the weights of a model saved by this trainer into ``model`` (built with the same tower and sizes)."""
+    if not os.path.isfile(os.path.join(directory, "config.json")):
+        raise HFKanConfigError(f"--init-from {directory!r} has no config.json; pass a directory that hf-kan "
+                               "vlm-train saved")
+    saved = type(model).from_pretrained(directory).state_dict()
+    own = model.state_dict()
+    mismatched = sorted(k for k, v in saved.items() if k in own and own[k].shape != v.shape)
+    if mismatched or set(own) != set(saved):
+        raise HFKanConfigError(
+            f"--init-from {directory!r} does not fit the model these options build (mismatched shapes: "
+            f"{mismatched[:3]}, missing: {sorted(set(own) - set(saved))[:3]}); pass the same --tower and size "
+            "options the saved model was trained with"
+        )
+    model.load_state_dict(saved)
+
+
 def train_vlm(args: VLMTrainingArguments) -> dict[str, Any]:
     """Train, select on validation, score the selected model on test and save; returns the metrics (the content of
     ``metrics.json``: ``test``, ``best_validation``, ``best_step``, ``history``, ``train_runtime_s``, ...)."""
@@ -222,6 +244,8 @@ def train_vlm(args: VLMTrainingArguments) -> dict[str, Any]:
         data = load_shapes_vqa(args.train_size, args.validation_size, args.test_size, seed=args.data_seed,
                                train_question_types=train_types, config=ShapesVQAConfig(image_size=args.image_size))
     model = build_vlm(args.tower, args.shape, processor.tokenizer)
+    if args.init_from is not None:
+        load_weights(model, args.init_from)
     if args.mma:
         from .. import patches
 
