@@ -12,8 +12,9 @@ Steps, on a copy of ``MODEL_DIR`` (model, processor, card, ``metrics.json``) in 
    ``var``. ``calibration.json`` records the scores of the chosen dimensions next to the median over all dimensions,
    so whether the model has massive activations at all can be read off (VAR assumes it does).
 3. DyVTE routers: ``hf_kan.patches.dyvte.train.train_routers`` (what ``hf-kan dyvte-train`` runs) on Shapes VQA
-   questions instead of that command's generated random-word prompts: ``--router-train-samples`` training rows,
-   router validation and test rows from the validation stream after the calibration images. The routers are trained
+   questions instead of that command's generated random-word prompts: ``--router-train-samples`` rows of a fresh
+   training stream (data seed 1, scenes the model was not trained on), router validation and test rows
+   (``--router-eval-samples`` each) from the validation stream after the calibration images. The routers are trained
    with every other patch off (how ``hf-kan eval``'s ``dyvte`` setting runs them) and saved in ``model.safetensors``;
    ``dyvte`` is stored in the config.
 4. The reference figure: the output model, every patch off, on the first ``--reference-limit`` rows of the
