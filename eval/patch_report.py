@@ -104,9 +104,8 @@ def default_settings(model: Any) -> list[PlannedSetting]:
     debias = setting("fastv-50+debias", prune={**fastv, "keep_ratios": [0.5], "debias": {"trend": trend or 0.0}})
     plans.append(PlannedSetting(debias, "fastv+debias", None if trend else
                                 "no fitted positional trend in the checkpoint (hf-kan calibrate-prune MODEL --save)"))
-    plans.append(PlannedSetting(setting("dyvte", dyvte=saved.get("dyvte") or True), "dyvte",
-                                None if saved.get("dyvte") else
-                                "no trained DyVTE routers in the checkpoint (hf-kan dyvte-train)"))
+    plans.append(PlannedSetting(setting("dyvte", dyvte=saved.get("dyvte") or True), "dyvte", None if saved.get("dyvte")
+                                else "no trained DyVTE routers in the checkpoint (hf-kan vlm-package, dyvte-train)"))
     var = saved.get("var") or {}
     plans.append(PlannedSetting(setting("var", var=var or True), "var", None if var.get("sink_dims") else
                                 "no VAR sink dimensions in the checkpoint (hf-kan calibrate-var MODEL --save)"))
