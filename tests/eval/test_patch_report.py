@@ -107,3 +107,20 @@ def test_shapes_task_is_a_prefix_stream_with_question_types():
     assert [s.question for s in five] == [s.question for s in ten[:5]]
     assert [s.meta["question_type"] for s in five] == ["colour", "shape", "presence", "count", "position"]
     assert five[0].images[0].size == (48, 48)
+
+
+def test_default_settings_keep_mma_on_for_a_model_trained_with_it():
+    from hf_kan import patches
+    from hf_kan.vlm.modeling import VLMShape, build_vlm
+    from hf_kan.vlm.processing import build_processor
+
+    processor = build_processor(48, 16)
+    model = build_vlm("kat", VLMShape(patch_size=16, vision_hidden_size=32, vision_layers=1, vision_heads=2,
+                                      text_hidden_size=32, text_layers=2, text_heads=2, text_kv_heads=1),
+                      processor.tokenizer)
+    patches.apply(model, mma=True, processor=processor)
+    plans = {p.setting.name: p for p in default_settings(model)}
+    assert plans["mma"].skip is None and plans["unpatched"].setting.mma is False
+    mma = patches.status(model)["patches"]["mma"]
+    assert all(plans[n].setting.mma == mma for n in ("mma", "fastv-50", "fastv-25", "pdrop"))
+    assert plans["fastv-50"].setting.prune["layers"] == [1]  # FastV's layer 2 does not exist in 2 layers
