@@ -193,6 +193,8 @@ def package_model(model_dir: str | Path, output_dir: str | Path | None = None, *
                    "calibration_images": calibration_images, "calibration_prompt": CALIBRATION_PROMPT}
     (out / CALIBRATION_FILE).write_text(json.dumps(calibration, indent=2) + "\n")
     (out / REFERENCE_FILE).write_text(json.dumps(reference, indent=2) + "\n")
+    for path in out.iterdir():  # safetensors writes 0600; package data must be readable by every user
+        path.chmod(0o644)
     return {**calibration, "reference": reference, "output_dir": str(out)}
 
 

@@ -49,6 +49,7 @@ def test_package_stores_calibrations_routers_and_reference(packaged):
         assert router_keys and any(f.get_tensor(k).abs().sum() > 0 for k in router_keys if "fc2" in k)
     assert "test_loss" in report["dyvte"] and "validation_loss" in report["dyvte"]
     assert not (out / "history.jsonl").exists() and (trained / "history.jsonl").exists()
+    assert all(path.stat().st_mode & 0o777 == 0o644 for path in out.iterdir())
     assert json.loads((out / "calibration.json").read_text())["prune_trend"] == report["prune_trend"]
 
     # the stored reference is what the packaged model scores with every patch off on those rows
