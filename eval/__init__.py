@@ -4,6 +4,9 @@
   and a per-sample efficiency record (visual tokens kept, prefill FLOPs, KV-cache bytes, timings). No lmms-eval.
 - :func:`evaluate_task` (``evaluation.py``): a shipped task under a list of :class:`PatchSetting` s, metrics through
   the ``evaluate`` modules in ``metrics/``, one or several processes (``accelerate launch``).
+- ``hf-kan eval`` (``patch_report.py``): one model under the default patch settings (or given ones) on a task, as
+  one table of accuracy, kept visual tokens, FLOPs, KV cache and interleaved latency ratios, written as JSON, CSV
+  and a plot of accuracy against the visual-token budget.
 - Tasks (``tasks/``): a registry of :class:`TaskSpec` s and their lmms-eval YAMLs (:func:`include_path`).
 - lmms-eval: ``--model hf_kan`` (``lmms_model.py``, registered by the entry point in ``lmms_plugin.py``) and the task
   class ``lmms_task.py``; both import lmms-eval, nothing else here does.

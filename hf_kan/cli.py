@@ -53,6 +53,14 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "hf_kan.vlm.train",
         "train the Shapes VQA vision-language model (LLaVA with a KAT or ViT tower) from scratch",
     ),
+    "vlm-package": (
+        "hf_kan.vlm.package",
+        "calibrate a trained Shapes VQA model (debias trend, VAR sink dims, DyVTE routers) and ship it",
+    ),
+    "eval": (
+        "hf_kan.eval.patch_report",
+        "evaluate a VLM (default: the shipped one) under each patch: accuracy, tokens, FLOPs, latency",
+    ),
     "lmms-tasks": ("hf_kan.eval.tasks", "print the folder of hf-kan's lmms-eval tasks (for --include_path)"),
     "push": ("hf_kan.hub", "upload a saved hf-kan model, patched VLM or MoH adapter with its model card"),
 }

@@ -41,6 +41,10 @@ class HubUnavailableError(HFKanError, RuntimeError):
     """The Hugging Face Hub cannot be used for a requested upload (offline mode, no token, not reachable)."""
 
 
+class ShippedModelMissingError(HFKanError, FileNotFoundError):
+    """A model that ships inside the package is not in this installation (its package data was not built in)."""
+
+
 __all__ = [
     "BackendUnavailableError",
     "ConversionError",
@@ -49,5 +53,6 @@ __all__ = [
     "HubUnavailableError",
     "ImageSizeError",
     "InputLayoutError",
+    "ShippedModelMissingError",
     "UnsupportedModelError",
 ]

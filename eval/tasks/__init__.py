@@ -15,6 +15,11 @@ Shipped tasks:
   8x8 grey upsampled by the model's image processor) asked as "what digit is this ?", answered with one word, scored
   by ``answer_accuracy``. A classification-by-generation smoke task: it runs offline on any supported model; a model
   that was never taught digits scores near chance (0.1).
+- ``hf_kan_shapes_vqa``: the test split of the procedural Shapes VQA data set (``hf_kan.data.shapes_vqa``, seed 0,
+  48 px scenes, 5,000 rows, the five question types in turn), one-word answers scored by ``answer_accuracy`` and
+  grouped by ``question_type``. The task of the shipped vision-language model (``hf-kan eval``). One new token is
+  generated: every answer is one word of the model's word-level vocabulary, so this is the training scorer's
+  criterion (the greedy prediction of the first answer token).
 """
 
 from __future__ import annotations
@@ -52,6 +57,8 @@ class TaskSpec:
     description: str = ""
     generation_kwargs: dict = field(default_factory=dict)
     """extra ``generate`` arguments (greedy decoding by default)"""
+    build_takes_limit: bool = False
+    """``build(split, limit)`` makes only the first ``limit`` rows (for generated data sets)"""
 
 
 _TASKS: dict[str, TaskSpec] = {}
@@ -87,7 +94,7 @@ def task_samples(name: str, split: str | None = None, limit: int | None = None) 
     from ..runner import EvalSample
 
     spec = get_task(name)
-    data = spec.build(split or spec.split)
+    data = spec.build(split or spec.split, limit) if spec.build_takes_limit else spec.build(split or spec.split)
     if limit is not None:
         data = data.select(range(min(int(limit), len(data))))
     core = {"id", "image", "question", "answer"}
@@ -120,6 +127,27 @@ def digits_dataset(split: str = "test"):
     )
 
 
+def shapes_vqa_dataset(split: str = "test", limit: int | None = None):
+    """Shapes VQA's ``split`` (default sizes and seed of ``hf_kan.data.load_shapes_vqa``), first ``limit`` rows, as
+    ``id``, ``image``, ``question``, ``answer``, ``question_type``. Each split is a seeded stream, so the first ``n``
+    rows are the same whatever ``limit`` is (and the same as in a trainer's split of that size)."""
+    import datasets
+
+    from ...data.shapes_vqa import SPLIT_SIZES, generate_shapes_vqa, split_seed
+
+    if split not in SPLIT_SIZES:
+        raise HFKanConfigError(f"Shapes VQA has splits {sorted(SPLIT_SIZES)}, not {split!r}")
+    size = SPLIT_SIZES[split] if limit is None else min(int(limit), SPLIT_SIZES[split])
+    rows = list(generate_shapes_vqa(size, seed=split_seed(0, split)))
+    return datasets.Dataset.from_dict(
+        {"id": list(range(len(rows))), "image": [r["image"] for r in rows], "question": [r["question"] for r in rows],
+         "answer": [r["answer"] for r in rows], "question_type": [r["question_type"] for r in rows]},
+        features=datasets.Features({"id": datasets.Value("int64"), "image": datasets.Image(),
+                                    "question": datasets.Value("string"), "answer": datasets.Value("string"),
+                                    "question_type": datasets.Value("string")}),
+    )
+
+
 def _print_include_path(args) -> int:
     if args.list:
         for name in available_tasks():
@@ -142,6 +170,9 @@ def add_subparser(subparsers) -> None:
 
 register_task(TaskSpec(name="hf_kan_digits", build=digits_dataset, max_new_tokens=1,
                        description="embedded digits as one-word visual question answering (smoke task)"))
+register_task(TaskSpec(name="hf_kan_shapes_vqa", build=shapes_vqa_dataset, max_new_tokens=1, until=(),
+                       group_by="question_type", build_takes_limit=True,
+                       description="Shapes VQA test split (procedural scenes, five question types; hf-kan eval)"))
 
 __all__ = ["DIGITS_QUESTION", "TaskSpec", "available_tasks", "digits_dataset", "get_task", "include_path",
-           "register_task", "task_samples"]
+           "register_task", "shapes_vqa_dataset", "task_samples"]

@@ -110,4 +110,17 @@ def build_vlm(tower: str, shape: VLMShape, tokenizer: Any, attn_implementation: 
     return LlavaForConditionalGeneration._from_config(vlm_config(tower, shape, tokenizer), **kwargs)
 
 
-__all__ = ["TOWERS", "VLMShape", "build_vlm", "vision_config", "vlm_config"]
+def use_rational_backend(model: Any, backend: str) -> int:
+    """Set the backend of every ``GroupRational`` in ``model`` (the KAT tower's activations) to ``backend``
+    (``"reference"``, ``"cpu"``, ``"triton"``, ``"auto"``); returns how many were set. Evaluation on CPU uses
+    ``"reference"``: the eager path, which the ``"cpu"`` backend also takes below its compile threshold, without the
+    tens of seconds of compiling its kernels for larger batches."""
+    from ..modules.group_rational import GroupRational
+
+    modules = [m for m in model.modules() if isinstance(m, GroupRational)]
+    for module in modules:
+        module.backend = backend
+    return len(modules)
+
+
+__all__ = ["TOWERS", "VLMShape", "build_vlm", "use_rational_backend", "vision_config", "vlm_config"]

@@ -12,8 +12,9 @@ questions, which teach the language model to address image tokens by position); 
 with at most 1, then 2, 3, ... objects, ``--curriculum``); AdamW with weight decay on matrices only, the projector
 at ``--projector-lr-scale`` times the learning rate, linear warm-up then cosine decay; loss = cross-entropy of the
 answer and ``</s>``. Validation accuracy per question type is measured every ``--eval-steps``; the model with the
-best mean validation accuracy over the five question types is kept, scored once on the test split at the end, and
-written to ``output_dir`` with its processor, ``metrics.json``, ``training_args.json`` and a model card.
+best mean validation accuracy over the question types (``--question-types``, default all five) is kept, scored once
+on the test split at the end, and written to ``output_dir`` with its processor, ``metrics.json``,
+``training_args.json`` and a model card.
 
 Patches stay off during training except MMA (``--mma``: ``hf_kan.patches.apply(model, mma=True,
 processor=...)`` before training, saved in the model's config). Parameters the loss never reaches (the tower's
@@ -63,6 +64,10 @@ class VLMTrainingArguments:
     validation_size: int = field(default=2_000, metadata={"help": "validation rows (model selection)"})
     test_size: int = field(default=5_000, metadata={"help": "test rows (scored once, at the end)"})
     data_seed: int = field(default=0, metadata={"help": "seed of the generated data set"})
+    question_types: str = field(
+        default=",".join(QUESTION_TYPES),
+        metadata={"help": "comma-separated question types to train, select and test on (default: all five)"},
+    )
     describe: bool = field(default=True, metadata={"help": "add the auxiliary 'describe' questions to training"})
     curriculum: str = field(
         default=DEFAULT_CURRICULUM,
@@ -117,6 +122,16 @@ class VLMTrainingArguments:
         if self.warmup_steps < 0:
             raise HFKanConfigError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
         _ = self.shape  # VLMShape validates the model sizes
+        _ = self.types  # the question types exist
+
+    @property
+    def types(self) -> tuple[str, ...]:
+        """The evaluated question types (``question_types`` parsed)."""
+        types = tuple(t.strip() for t in self.question_types.split(",") if t.strip())
+        unknown = [t for t in types if t not in QUESTION_TYPES]
+        if not types or unknown:
+            raise HFKanConfigError(f"question_types={self.question_types!r}: choose from {', '.join(QUESTION_TYPES)}")
+        return types
 
     @property
     def shape(self) -> VLMShape:
@@ -168,8 +183,9 @@ def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
 
 @torch.no_grad()
 def evaluate_split(model: torch.nn.Module, loader: Any, accelerator: Any, eos_token_id: int,
-                   question_types: Sequence[str]) -> dict[str, Any]:
-    """Answer accuracy per question type and mean answer loss on ``loader`` (every row once, over processes)."""
+                   question_types: Sequence[str], main_types: Sequence[str] = QUESTION_TYPES) -> dict[str, Any]:
+    """Answer accuracy per question type and mean answer loss on ``loader`` (every row once, over processes);
+    ``question_types`` maps the batches' ``type_ids`` to names, ``main_types`` enter the mean accuracy."""
     was_training = model.training
     model.eval()
     correct, losses, kinds = [], [], []
@@ -181,7 +197,7 @@ def evaluate_split(model: torch.nn.Module, loader: Any, accelerator: Any, eos_to
         losses += loss.tolist()
         kinds += [question_types[i] for i in type_ids.tolist()]
     model.train(was_training)
-    return summarize(correct, kinds, losses, main_types=QUESTION_TYPES)
+    return summarize(correct, kinds, losses, main_types=main_types)
 
 
 class _TypedCollator(VQACollator):
@@ -239,10 +255,11 @@ def train_vlm(args: VLMTrainingArguments) -> dict[str, Any]:
     accelerator = make_accelerator(cpu=args.cpu, mixed_precision=args.mixed_precision)
     set_seed(args.seed)
     processor = build_processor(args.image_size, args.patch_size)
-    train_types = QUESTION_TYPES + (("describe",) if args.describe else ())
+    train_types = args.types + (("describe",) if args.describe else ())
     with accelerator.main_process_first():
         data = load_shapes_vqa(args.train_size, args.validation_size, args.test_size, seed=args.data_seed,
-                               train_question_types=train_types, config=ShapesVQAConfig(image_size=args.image_size))
+                               question_types=args.types, train_question_types=train_types,
+                               config=ShapesVQAConfig(image_size=args.image_size))
     model = build_vlm(args.tower, args.shape, processor.tokenizer)
     if args.init_from is not None:
         load_weights(model, args.init_from)
@@ -290,7 +307,7 @@ def train_vlm(args: VLMTrainingArguments) -> dict[str, Any]:
     running: list[float] = []
 
     def run_evaluation(step: int) -> dict[str, Any]:
-        result = evaluate_split(model, val_loader, accelerator, eos, train_types)
+        result = evaluate_split(model, val_loader, accelerator, eos, train_types, args.types)
         entry = {"step": step, "train_loss": sum(running) / len(running) if running else None,
                  "max_objects": sampler.max_objects(max(step - 1, 0)), "elapsed_s": time.perf_counter() - start,
                  "validation": result}
@@ -324,7 +341,7 @@ def train_vlm(args: VLMTrainingArguments) -> dict[str, Any]:
 
     unwrapped = accelerator.unwrap_model(model)
     unwrapped.load_state_dict(best["state"])
-    test = evaluate_split(model, test_loader, accelerator, eos, train_types)
+    test = evaluate_split(model, test_loader, accelerator, eos, train_types, args.types)
     metrics: dict[str, Any] = {
         "tower": args.tower,
         "mma": args.mma,
