@@ -15,6 +15,7 @@ patch is on. An explicit ``from_pretrained(..., attn_implementation=...)`` still
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 from torch import nn
@@ -129,11 +130,39 @@ def status(model: nn.Module) -> dict[str, Any]:
     }
 
 
+#: top-level attributes under which patches save their own weights (DyVTE's routers: ``hf_kan_dyvte.``)
+PATCH_WEIGHTS_PATTERN = r"^hf_kan_"
+
+
+@contextlib.contextmanager
+def _patch_weights_expected():
+    """Keep the weights patches save (``hf_kan_<patch>.*``) out of Transformers' load report for one load.
+
+    They are not part of the stock architecture, so Transformers lists them as unexpected and skips them;
+    ``apply`` restores them from the checkpoint right after. Models read the pattern from
+    ``PreTrainedModel._keys_to_ignore_on_load_unexpected`` when they are built, so it is set only for the duration of
+    the load (none of the supported families defines its own)."""
+    from transformers import PreTrainedModel
+
+    had = "_keys_to_ignore_on_load_unexpected" in PreTrainedModel.__dict__
+    previous = PreTrainedModel.__dict__.get("_keys_to_ignore_on_load_unexpected")
+    PreTrainedModel._keys_to_ignore_on_load_unexpected = [*(previous or []), PATCH_WEIGHTS_PATTERN]
+    try:
+        yield
+    finally:
+        if had:
+            PreTrainedModel._keys_to_ignore_on_load_unexpected = previous
+        else:
+            del PreTrainedModel._keys_to_ignore_on_load_unexpected
+
+
 def from_pretrained(model_class, path, *, attn_implementation=None, **kwargs):
     """``model_class.from_pretrained(path, ...)`` with the text attention on ``"hf_kan"``, then ``apply(model)``:
-    the saved ``hf_kan`` section is checked against the model, restored and its hooks attached."""
+    the saved ``hf_kan`` section is checked against the model, restored and its hooks attached (saved patch weights,
+    such as DyVTE's routers, included; they are not reported as unexpected keys)."""
     impl = attn_implementation if attn_implementation is not None else {"text_config": "hf_kan"}
-    model = model_class.from_pretrained(path, attn_implementation=impl, **kwargs)
+    with _patch_weights_expected():
+        model = model_class.from_pretrained(path, attn_implementation=impl, **kwargs)
     apply(model)
     return model
 
