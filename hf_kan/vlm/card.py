@@ -43,8 +43,36 @@ def _accuracy_table(metrics: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def render_vlm_card(model: Any, args: dict[str, Any], metrics: dict[str, Any]) -> str:
-    """The README.md text for ``model`` trained with ``args`` (a dict of :class:`VLMTrainingArguments` fields)."""
+def _calibration_section(calibration: dict[str, Any], reference: dict[str, Any] | None) -> str:
+    """The card section listing what ``hf-kan vlm-package`` calibrated on the model (see ``calibration.json``)."""
+    var, dyvte = calibration["var"], calibration["dyvte"]
+    ratio = var["max_score"] / var["median_score"]
+    scores = ", ".join(f"{v:.2f}" for v in var["scores"])
+    lines = [
+        "## hf-kan patches calibrated on this model",
+        "",
+        "The `hf_kan` section of the text config holds three patches calibrated on this model by `hf-kan vlm-package`"
+        " (all three on when loaded with `hf_kan.patches.from_pretrained`; turn them off with"
+        " `hf_kan.patches.apply(model, prune=False, var=False, dyvte=False)`):",
+        "",
+        f"- `prune`: FastV with attention debiasing, positional trend b = {calibration['prune_trend']:.6g}"
+        f" (T(i) = exp(-b i), fitted on {calibration['calibration_images']} validation scenes).",
+        f"- `var`: sink dimensions {var['sink_dims']} (first-token |x_d / RMS(x)| {scores}"
+        f" vs a median of {var['median_score']:.2f} over all dimensions: {ratio:.1f}x; VAR's published sink dimensions"
+        " stand tens of times above the rest, so this model has no massive activations to speak of).",
+        f"- `dyvte`: exit routers trained on it (router test accuracy {dyvte.get('test_accuracy', float('nan')):.3f}).",
+    ]
+    if reference is not None:
+        shown = ", ".join(f"{k} {v:.3f}" for k, v in reference["accuracy"].items())
+        lines += ["", f"With every patch off, the first {reference['limit']} test questions score: {shown}."]
+    return "\n".join(lines) + "\n"
+
+
+def render_vlm_card(model: Any, args: dict[str, Any], metrics: dict[str, Any],
+                    calibration: dict[str, Any] | None = None, reference: dict[str, Any] | None = None) -> str:
+    """The README.md text for ``model`` trained with ``args`` (a dict of :class:`VLMTrainingArguments` fields);
+    with ``calibration`` (``calibration.json`` of ``hf-kan vlm-package``) it also lists the calibrated patches and
+    loads the model with them."""
     from .. import __version__
     from .train import VLMTrainingArguments
 
@@ -67,6 +95,12 @@ def render_vlm_card(model: Any, args: dict[str, Any], metrics: dict[str, Any]) -
         "`hf_kan.patches.from_pretrained(LlavaForConditionalGeneration, path)`."
         if args["mma"] else "Trained with plain causal attention (no hf-kan patch on)."
     )
+    patched = bool(args["mma"] or calibration)
+    patches_import = "from hf_kan import patches\n" if patched else ""
+    load = (
+        'patches.from_pretrained(LlavaForConditionalGeneration, "path/to/this/model")  # with its hf_kan patches'
+        if patched else 'LlavaForConditionalGeneration.from_pretrained("path/to/this/model")'
+    )
     body = f"""
 # {title}
 
@@ -81,8 +115,8 @@ import hf_kan  # registers the KAT model type (the vision tower) with the Auto c
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 from hf_kan.data.shapes_vqa import load_shapes_vqa
 from hf_kan.vlm.processing import prompt_text
-
-model = LlavaForConditionalGeneration.from_pretrained("path/to/this/model")
+{patches_import}
+model = {load}
 processor = AutoProcessor.from_pretrained("path/to/this/model")
 row = load_shapes_vqa(train_size=0, validation_size=0, test_size=10)["test"][0]
 inputs = processor(images=[row["image"]], text=[prompt_text(processor, row["question"])], return_tensors="pt")
@@ -107,6 +141,8 @@ selected at step {metrics['best_step']} of {metrics['steps']} by mean validation
 {'CPU' if args.get('cpu') or not _has_gpu() else 'GPU'}. Parameters the loss never reaches were frozen:
 {', '.join(f'`{n}`' for n in metrics['frozen_parameters']) or 'none'}.
 """
+    if calibration is not None:
+        body += "\n" + _calibration_section(calibration, reference)
     return "---\n" + data.to_yaml() + "\n---\n" + body
 
 
@@ -116,11 +152,12 @@ def _has_gpu() -> bool:
     return torch.cuda.is_available()
 
 
-def write_vlm_card(output_dir: str, model: Any, args: dict[str, Any], metrics: dict[str, Any]) -> str:
+def write_vlm_card(output_dir: str, model: Any, args: dict[str, Any], metrics: dict[str, Any],
+                   calibration: dict[str, Any] | None = None, reference: dict[str, Any] | None = None) -> str:
     """Write ``README.md`` (see :func:`render_vlm_card`) into ``output_dir``; returns its path."""
     path = os.path.join(output_dir, "README.md")
     with open(path, "w", encoding="utf-8") as handle:
-        handle.write(render_vlm_card(model, args, metrics))
+        handle.write(render_vlm_card(model, args, metrics, calibration, reference))
     return path
 
 

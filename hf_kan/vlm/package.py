@@ -175,6 +175,19 @@ def reference_scores(model_dir: Path, limit: int, tolerance: float) -> dict[str,
             "command": f"hf-kan eval --limit {limit}  (its unpatched row)"}
 
 
+def rewrite_card(model_dir: Path, calibration: dict[str, Any], reference: dict[str, Any]) -> None:
+    """Re-render the copied model card so that it loads the model with its calibrated patches and lists them."""
+    from transformers import LlavaForConditionalGeneration
+
+    from .. import patches
+    from .card import write_vlm_card
+
+    args = json.loads((model_dir / "training_args.json").read_text())
+    metrics = json.loads((model_dir / "metrics.json").read_text())
+    model = patches.from_pretrained(LlavaForConditionalGeneration, str(model_dir))
+    write_vlm_card(str(model_dir), model, args, metrics, calibration, reference)
+
+
 def package_model(model_dir: str | Path, output_dir: str | Path | None = None, *, calibration_images: int = 32,
                   router_train_samples: int = 1024, router_eval_samples: int = 128, reference_limit: int = 250,
                   tolerance: float = DEFAULT_TOLERANCE) -> dict[str, Any]:
@@ -189,10 +202,11 @@ def package_model(model_dir: str | Path, output_dir: str | Path | None = None, *
     dyvte = train_dyvte(out, router_train_samples, router_eval_samples, offset=calibration_images)
     logger.info(f"[4/4] reference accuracy on the first {reference_limit} test rows")
     reference = reference_scores(out, reference_limit, tolerance)
-    calibration = {"source": str(model_dir), "prune_trend": trend, "var": var, "dyvte": dyvte,
+    calibration = {"source": Path(model_dir).name, "prune_trend": trend, "var": var, "dyvte": dyvte,
                    "calibration_images": calibration_images, "calibration_prompt": CALIBRATION_PROMPT}
     (out / CALIBRATION_FILE).write_text(json.dumps(calibration, indent=2) + "\n")
     (out / REFERENCE_FILE).write_text(json.dumps(reference, indent=2) + "\n")
+    rewrite_card(out, calibration, reference)
     for path in out.iterdir():  # safetensors writes 0600; package data must be readable by every user
         path.chmod(0o644)
     return {**calibration, "reference": reference, "output_dir": str(out)}

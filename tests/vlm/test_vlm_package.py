@@ -51,6 +51,8 @@ def test_package_stores_calibrations_routers_and_reference(packaged):
     assert not (out / "history.jsonl").exists() and (trained / "history.jsonl").exists()
     assert all(path.stat().st_mode & 0o777 == 0o644 for path in out.iterdir())
     assert json.loads((out / "calibration.json").read_text())["prune_trend"] == report["prune_trend"]
+    card = (out / "README.md").read_text()  # the card loads the model with its patches and lists the calibrations
+    assert "patches.from_pretrained(LlavaForConditionalGeneration" in card and str(report["var"]["sink_dims"]) in card
 
     # the stored reference is what the packaged model scores with every patch off on those rows
     reference = json.loads((out / REFERENCE_FILE).read_text())
