@@ -8,7 +8,7 @@ applied in the kernel, pruning scored with ``attention_taps`` from the layer's l
 
 The interpreter runs each program in Python (tens of milliseconds each), so the models have 3 decoder layers and the
 kernels get tiles covering these short sequences whole (``_fwd_config``); tiling itself is tested in
-``tests/ops/test_attention_triton.py``. One slow case keeps the default 16 x 16 interpreter tiles.
+``tests/ops/test_attention_triton.py``, and one case here keeps the default 16 x 16 interpreter tiles.
 """
 
 from __future__ import annotations
@@ -41,30 +41,24 @@ FASTV = {"layers": [2], "keep_ratios": [0.5]}
 PDROP = {"scorer": "pdrop", "layers": [1, 2], "keep_ratios": [0.5, 0.25]}
 SETTINGS = {
     "off": {},
-    "mma": {"mma": MMA},
-    "var": {"var": VAR},
-    "fastv": {"prune": FASTV},
     "pdrop": {"prune": PDROP},
     "dyvte-exit": {"dyvte": {"router_hidden": 16, "force_exit_layer": 1}},
     "all": {"mma": MMA, "var": VAR, "prune": {**FASTV, "scorer": "fastv_text_mean"}},
 }
-#: the settings every family runs by default; the others run on LLaVA by default and on the rest as slow tests
-CORE = ("off", "all")
+#: (family, setting): every family with every patch that acts in the attention call at once; the token-dropping
+#: patches alone (PDrop's two stages, a DyVTE exit) on a LLaVA and a Qwen family; a sliding-window variant of each
+#: kind (``V.WINDOW_FAMILIES``: every layer / the ``sliding_attention`` layers)
+CELLS = ([(family, "all") for family in V.FAMILIES]
+         + [(family, name) for family in ("llava", "qwen2_vl") for name in ("pdrop", "dyvte-exit")]
+         + [("llava", "off"), ("qwen2_vl_window", "all"), ("llava_next_mistral", "all")])
+#: the long-sequence cells (LLaVA-NeXT's tiles): still run in CI, marked slow
+SLOW = {("llava_next_mistral", "all")}
 
 model_for = V.module_model_cache(LAYERS, prepare=V.plant_sink_dims)
 
 
 def cells() -> list:
-    out = []
-    for family in V.FAMILIES:
-        for name in SETTINGS:
-            slow = family != "llava" and name not in CORE
-            out.append(pytest.param(family, name, id=f"{family}-{name}", marks=[pytest.mark.slow] if slow else []))
-    for family in V.WINDOW_FAMILIES:
-        for name in ("off", "all"):
-            slow = name != "all" or family != V.WINDOW_FAMILIES[0]
-            out.append(pytest.param(family, name, id=f"{family}-{name}", marks=[pytest.mark.slow] if slow else []))
-    return out
+    return [pytest.param(f, s, id=f"{f}-{s}", marks=[pytest.mark.slow] if (f, s) in SLOW else []) for f, s in CELLS]
 
 
 @pytest.fixture
@@ -151,12 +145,11 @@ def test_kernel_path_equals_sdpa_path(family, setting, interpreter, monkeypatch)
         torch.testing.assert_close(x, y, rtol=0, atol=1e-5)
 
 
-@pytest.mark.slow
 def test_default_interpreter_tiles(monkeypatch):
     """Several 16 x 16 tiles per program (the kernels' own interpreter configuration), every patch at once."""
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    model = configure("llava", "all")
-    inputs = V.make_inputs("llava", PROMPTS, "left")
+    model = configure("qwen2_vl", "all")
+    inputs = V.make_inputs("qwen2_vl", PROMPTS, "left")
     monkeypatch.setenv(A.BACKEND_ENV_VAR, "sdpa")
     with torch.no_grad():
         ref = model(**inputs)
@@ -170,7 +163,8 @@ def test_default_interpreter_tiles(monkeypatch):
 
 def test_mma_gradients_equal_sdpa(interpreter, monkeypatch):
     """Training through the kernel (mask-only backward): MMA's parameter gradients equal the SDPA path's."""
-    model = configure("llava", "mma")
+    model = configure("llava", "all")
+    P.apply(model, var=False, prune=False)
     inputs = V.make_inputs("llava", PROMPTS, "left")
     grads = {}
     for backend in ("sdpa", "triton"):
@@ -207,7 +201,7 @@ def test_select_compute_rules(monkeypatch):
 
 
 def test_explicit_requests_that_cannot_run_raise(monkeypatch):
-    model = configure("llava", "mma")
+    model = configure("llava", "off")
     inputs = V.make_inputs("llava", PROMPTS, "left")
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     monkeypatch.setenv(A.BACKEND_ENV_VAR, "triton")
@@ -227,7 +221,8 @@ def test_explicit_requests_that_cannot_run_raise(monkeypatch):
 def test_auto_runs_what_the_kernel_cannot_on_sdpa(interpreter, monkeypatch):
     """Under ``auto`` a forward with a ``mask_rule`` runs on SDPA; a VAR layer whose probabilities ``record_var``
     keeps runs on the explicit path, the other layers in the kernel."""
-    model = configure("llava", "var")
+    model = configure("llava", "all")
+    P.apply(model, mma=False, prune=False)
     inputs = V.make_inputs("llava", PROMPTS, "left")
     monkeypatch.setenv(A.BACKEND_ENV_VAR, "sdpa")
     with torch.no_grad(), P.mask_visual_after(model, 0, batch_size=2):
