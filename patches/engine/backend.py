@@ -6,10 +6,12 @@ masks for this implementation name.
 
 - Text decoder attention with a ``ForwardState`` in its keyword arguments (put there by the model hook that
   ``hf_kan.patches.apply`` installs): the mask Transformers built is ignored; the layer's mask is derived from the
-  token metadata, the layer's sliding window and the cache ledger (``ForwardState.mask_for``), and the output is
-  computed by the configured compute path (SDPA on CPU), or with explicit probabilities on layers where a patch
-  transforms them. The ``sliding_window`` a model passes to its attention function must be the window the config
-  declares for that layer (``engine.windows``); anything else raises.
+  token metadata, the layer's sliding window and the cache ledger, and the output is computed on the path
+  ``engine.compute.select_compute`` picks: the fused Triton kernel reading that metadata
+  (``ForwardState.attention_metadata``; CUDA), or SDPA under the materialised mask (``ForwardState.mask_for``; CPU,
+  the reference), with explicit probabilities on layers where a patch transforms them. The ``sliding_window`` a
+  model passes to its attention function must be the window the config declares for that layer
+  (``engine.windows``); anything else raises.
 - Anything else (vision towers, a model loaded with ``attn_implementation="hf_kan"`` but never given the hook): the
   mask builder's deferred mask is materialised exactly as ``sdpa`` would build it, and SDPA runs; the result equals
   ``"sdpa"``. If the config enables a patch but the hook is missing, a clear error says to call ``apply``.
@@ -102,7 +104,7 @@ def hf_kan_attention(module, query, key, value, attention_mask, scaling=None, dr
     var_spec = getattr(transform, "var_spec", None)
     grad = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)
     path = select_compute(state.backend, query, var=transform is not None, grad=grad,
-                          blocker=_kernel_blocker(state, dropout, transform, var_spec))
+                          blocker=_kernel_blocker(state, dropout, transform, var_spec), patched=bool(state.runtimes))
     lse = None
     if path == "triton":
         spec = None if transform is None else var_spec(key.shape[2])

@@ -46,16 +46,17 @@ class AttentionMetadata:
 
 
 def select_compute(requested: str, query: torch.Tensor, *, var: bool = False, grad: bool = False,
-                   blocker: str | None = None) -> str:
+                   blocker: str | None = None, patched: bool = True) -> str:
     """``"triton"`` or ``"sdpa"`` for one layer call, from the requested backend name (``hf_kan.ops.attention``'s
     names: ``"auto"``, ``"triton"``, ``"sdpa"``, ``"reference"``; the engine's ``"sdpa"`` path, SDPA plus explicit
     probabilities on VAR layers, is also its reference).
 
     ``"auto"`` follows ``hf_kan.ops.attention.resolve_backend`` (the kernel for CUDA tensors, and for CPU tensors under
-    ``TRITON_INTERPRET=1``; never for VAR with gradients), else ``"sdpa"``. ``blocker`` names what this layer needs
-    that the kernel cannot do (attention dropout, a patch's ``mask_rule``, a probability transform with no kernel
-    form): ``"auto"`` then takes ``"sdpa"``, and an explicit ``"triton"`` raises :class:`BackendUnavailableError`, as
-    it does when the kernel cannot run the call at all.
+    ``TRITON_INTERPRET=1``; never for VAR with gradients), else ``"sdpa"``; a forward with no active patch
+    (``patched=False``) stays on ``"sdpa"``, so every patch off computes exactly what ``"sdpa"`` computes.
+    ``blocker`` names what this layer needs that the kernel cannot do (attention dropout, a patch's ``mask_rule``, a
+    probability transform with no kernel form): ``"auto"`` then takes ``"sdpa"``, and an explicit ``"triton"``
+    raises :class:`BackendUnavailableError`, as it does when the kernel cannot run the call at all.
     """
     if requested in ("sdpa", "reference"):
         return "sdpa"
@@ -65,6 +66,8 @@ def select_compute(requested: str, query: torch.Tensor, *, var: bool = False, gr
                 f"the triton attention backend was requested but this layer needs {blocker}, which the fused kernel "
                 "cannot compute; unset HF_KAN_ATTENTION_BACKEND (or set it to 'auto') to run such layers on SDPA"
             )
+        return "sdpa"
+    if requested == "auto" and not patched:
         return "sdpa"
     return "triton" if resolve_backend(requested, query, var=var, grad=grad) == "triton" else "sdpa"
 

@@ -162,18 +162,21 @@ class ForwardState:
         position = torch.gather(tokens.position, 1, safe).masked_fill(hole, -1)
         return position, torch.gather(tokens.valid, 1, safe) & ~hole
 
+    def _layer_group(self, layer_idx: int, key_length: int) -> tuple[torch.Tensor | None, object, int | None]:
+        """``(rows, key memo key, window)`` of the layer: layers equal in all three share masks and metadata."""
+        if self.cache is None:
+            kkey = self.key_layout(layer_idx, key_length)[1]
+        else:
+            kkey = self._held(layer_idx, key_length)[1]
+        return self.row_positions(layer_idx), kkey, self.window(layer_idx)
+
     # --- kernel metadata ---------------------------------------------------------------------------------------
     def attention_metadata(self, layer_idx: int, key_length: int) -> AttentionMetadata:
         """What the fused kernel reads instead of ``mask_for``'s mask: the query rows' and keys' original positions,
         key validity, the MMA spans (when some span reaches past its token) and the layer's window; the arguments of
         ``visibility_mask``, the rule ``mask_for`` evaluates. Memoised across layers that share rows, keys and
         window. ``mask_rule`` s are not expressible here (the backend runs such layers on SDPA)."""
-        rows = self.row_positions(layer_idx)
-        window = self.window(layer_idx)
-        if self.cache is None:
-            kkey = self.key_layout(layer_idx, key_length)[1]
-        else:
-            kkey = self._held(layer_idx, key_length)[1]
+        rows, kkey, window = self._layer_group(layer_idx, key_length)
         memo = (None if rows is None else id(rows), kkey, window)
         hit = self._metadata.get(memo)
         if hit is None:
@@ -190,12 +193,7 @@ class ForwardState:
         original position, padding, the layer's window, ``span_end`` widening, then the runtimes' ``mask_rule``), or
         ``None`` with ``is_causal`` telling SDPA to apply plain causal masking. Memoised across layers that share
         rows, keys and window."""
-        rows = self.row_positions(layer_idx)
-        window = self.window(layer_idx)
-        if self.cache is None:
-            kkey = self.key_layout(layer_idx, key_length)[1]
-        else:
-            kkey = self._held(layer_idx, key_length)[1]
+        rows, kkey, window = self._layer_group(layer_idx, key_length)
         memo = (None if rows is None else id(rows), kkey, window, layer_idx if self._layer_dependent else None)
         hit = self._masks.get(memo)
         if hit is not None:

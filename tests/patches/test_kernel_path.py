@@ -198,6 +198,8 @@ def test_select_compute_rules(monkeypatch):
     with pytest.raises(BackendUnavailableError, match="attention dropout"):
         select_compute("triton", q, blocker="attention dropout (0.1)")
     assert select_compute("auto", q.double()) == "sdpa"
+    assert select_compute("auto", q, patched=False) == "sdpa"  # every patch off: exactly "sdpa"
+    assert select_compute("triton", q, patched=False) == "triton"
 
 
 def test_explicit_requests_that_cannot_run_raise(monkeypatch):
