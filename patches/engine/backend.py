@@ -24,7 +24,7 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from ...errors import InputLayoutError, UnsupportedModelError
-from .compute import explicit_attention, kernel_compute, sdpa_compute, select_compute
+from .compute import explicit_attention, kernel_compute, sdpa_compute
 from .config import CONFIG_ATTRIBUTE
 from .state import STATE_KWARG
 
@@ -103,8 +103,8 @@ def hf_kan_attention(module, query, key, value, attention_mask, scaling=None, dr
             transform = fn
     var_spec = getattr(transform, "var_spec", None)
     grad = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)
-    path = select_compute(state.backend, query, var=transform is not None, grad=grad,
-                          blocker=_kernel_blocker(state, dropout, transform, var_spec), patched=bool(state.runtimes))
+    path = state.compute_path(query, var=transform is not None, grad=grad,
+                              blocker=_kernel_blocker(state, dropout, transform, var_spec))
     lse = None
     if path == "triton":
         spec = None if transform is None else var_spec(key.shape[2])

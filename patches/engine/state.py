@@ -18,7 +18,7 @@ import torch
 
 from ...ops.attention import requested_backend
 from .cache import HFKanCache
-from .compute import AttentionMetadata
+from .compute import AttentionMetadata, select_compute
 from .config import PatchConfig
 from .layout import TEXT, TokenLayout
 from .masks import causal_is_trivial_at, metadata_mask
@@ -46,6 +46,7 @@ class ForwardState:
         #: the requested attention backend (``"auto"``, ``"triton"``, ``"sdpa"``, ``"reference"``): ``compute``, else
         #: ``HF_KAN_ATTENTION_BACKEND``, read once per forward; ``engine.compute.select_compute`` decides per layer
         self.backend = requested_backend(compute)
+        self._paths: dict = {}
         self._rows: list[tuple[int, torch.Tensor]] = []  # (from_layer, (B, T') positions; -1 = empty row)
         self._masks: dict = {}
         self._metadata: dict = {}
@@ -169,6 +170,16 @@ class ForwardState:
         else:
             kkey = self._held(layer_idx, key_length)[1]
         return self.row_positions(layer_idx), kkey, self.window(layer_idx)
+
+    def compute_path(self, query: torch.Tensor, *, var: bool, grad: bool, blocker: str | None) -> str:
+        """``engine.compute.select_compute`` for a layer call of this forward, memoised on its arguments (the text
+        layers of one forward share device, dtype and head dim), so a decode step decides once, not per layer."""
+        key = (var, grad, blocker)
+        path = self._paths.get(key)
+        if path is None:
+            path = self._paths[key] = select_compute(self.backend, query, var=var, grad=grad, blocker=blocker,
+                                                     patched=bool(self.runtimes))
+        return path
 
     # --- kernel metadata ---------------------------------------------------------------------------------------
     def attention_metadata(self, layer_idx: int, key_length: int) -> AttentionMetadata:
