@@ -43,12 +43,15 @@ SETTINGS = {
     "off": {},
     "pdrop": {"prune": PDROP},
     "dyvte-exit": {"dyvte": {"router_hidden": 16, "force_exit_layer": 1}},
-    "all": {"mma": MMA, "var": VAR, "prune": {**FASTV, "scorer": "fastv_text_mean"}},
+    "all": {"mma": MMA, "var": VAR, "prune": FASTV},
+    # FastV's text-mean voter: several voting rows read from the kernel's lse at once
+    "all-textmean": {"mma": MMA, "var": VAR, "prune": {**FASTV, "scorer": "fastv_text_mean"}},
 }
-#: (family, setting): every family with every patch that acts in the attention call at once; the token-dropping
-#: patches alone (PDrop's two stages, a DyVTE exit) on a LLaVA and a Qwen family; a sliding-window variant of each
-#: kind (``V.WINDOW_FAMILIES``: every layer / the ``sliding_attention`` layers)
-CELLS = ([(family, "all") for family in V.FAMILIES]
+#: (family, setting): every family with every patch that acts in the attention call at once (one with FastV's
+#: text-mean voter); the token-dropping patches alone (PDrop's two stages, a DyVTE exit) on a LLaVA and a Qwen
+#: family; a sliding-window variant of each kind (``V.WINDOW_FAMILIES``: every layer / the ``sliding_attention``
+#: layers)
+CELLS = ([(family, "all-textmean" if family == "qwen2_5_vl" else "all") for family in V.FAMILIES]
          + [(family, name) for family in ("llava", "qwen2_vl") for name in ("pdrop", "dyvte-exit")]
          + [("llava", "off"), ("qwen2_vl_window", "all"), ("llava_next_mistral", "all")])
 #: the long-sequence cells (LLaVA-NeXT's tiles): still run in CI, marked slow
