@@ -80,12 +80,17 @@ def main(argv=None):
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--patch-sets", nargs="+", default=list(PATCH_SETS), choices=list(PATCH_SETS))
     p.add_argument("--dry-run", action="store_true",
-                   help="4 layers, hidden 128, 8 text tokens, 1 repeat, 1 decode step: checks the script runs")
+                   help="4 layers, hidden 128, 8 text tokens, 1 repeat, 1 decode step (on CPU under "
+                        "TRITON_INTERPRET=1: 256-wide interpreter tiles): checks the script runs")
     args = p.parse_args(argv)
-    if args.dry_run:
-        args.layers, args.hidden, args.text_tokens, args.repeats, args.decode_steps = 4, 128, 8, 1, 1
     bench.set_threads(args.threads)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    if args.dry_run:
+        args.layers, args.hidden, args.text_tokens, args.repeats, args.decode_steps = 4, 128, 8, 1, 1
+        if device.type == "cpu":  # Triton's interpreter: few, large tiles (it runs each program in Python)
+            from hf_kan.ops.attention import triton as kernels
+
+            kernels._fwd_config = lambda *a: (256, 256, 1, 1)
     x = {k: v.to(device) for k, v in bench.llava_inputs(args.batch, args.text_tokens, bos=True).items()}
     x["pixel_values"] = x["pixel_values"].to(dtype)
 
