@@ -23,7 +23,7 @@ import torch
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 
 from ...errors import BackendUnavailableError
-from ...ops.attention import AttentionResult, VARSpec, masked_attention, resolve_backend
+from ...ops.attention import AttentionResult, VARSpec, kernel_eligible, masked_attention, resolve_backend
 
 
 @dataclass(frozen=True)
@@ -51,7 +51,7 @@ def select_compute(requested: str, query: torch.Tensor, *, var: bool = False, gr
     names: ``"auto"``, ``"triton"``, ``"sdpa"``, ``"reference"``; the engine's ``"sdpa"`` path, SDPA plus explicit
     probabilities on VAR layers, is also its reference).
 
-    ``"auto"`` follows ``hf_kan.ops.attention.resolve_backend`` (the kernel for CUDA tensors, and for CPU tensors under
+    ``"auto"`` follows ``hf_kan.ops.attention.kernel_eligible`` (the kernel for CUDA tensors, and for CPU tensors under
     ``TRITON_INTERPRET=1``; never for VAR with gradients), else ``"sdpa"``; a forward with no active patch
     (``patched=False``) stays on ``"sdpa"``, so every patch off computes exactly what ``"sdpa"`` computes.
     ``blocker`` names what this layer needs that the kernel cannot do (attention dropout, a patch's ``mask_rule``, a
@@ -67,9 +67,10 @@ def select_compute(requested: str, query: torch.Tensor, *, var: bool = False, gr
                 "cannot compute; unset HF_KAN_ATTENTION_BACKEND (or set it to 'auto') to run such layers on SDPA"
             )
         return "sdpa"
-    if requested == "auto" and not patched:
-        return "sdpa"
-    return "triton" if resolve_backend(requested, query, var=var, grad=grad) == "triton" else "sdpa"
+    if requested == "auto":
+        return "triton" if patched and kernel_eligible(query, var=var, grad=grad) else "sdpa"
+    resolve_backend(requested, query, var=var, grad=grad)  # "triton": raises when the kernel cannot run the call
+    return "triton"
 
 
 def sdpa_compute(module, query, key, value, mask, scaling, dropout, is_causal) -> torch.Tensor:
