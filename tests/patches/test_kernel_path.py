@@ -41,6 +41,9 @@ FASTV = {"layers": [2], "keep_ratios": [0.5]}
 PDROP = {"scorer": "pdrop", "layers": [1, 2], "keep_ratios": [0.5, 0.25]}
 SETTINGS = {
     "off": {},
+    "mma": {"mma": MMA},
+    "var": {"var": VAR},
+    "fastv": {"prune": FASTV},
     "pdrop": {"prune": PDROP},
     "dyvte-exit": {"dyvte": {"router_hidden": 16, "force_exit_layer": 1}},
     "all": {"mma": MMA, "var": VAR, "prune": FASTV},
@@ -49,11 +52,12 @@ SETTINGS = {
 }
 #: (family, setting): every family with every patch that acts in the attention call at once (one with FastV's
 #: text-mean voter); the token-dropping patches alone (PDrop's two stages, a DyVTE exit) on a LLaVA and a Qwen
-#: family; a sliding-window variant of each kind (``V.WINDOW_FAMILIES``: every layer / the ``sliding_attention``
-#: layers)
+#: family; every patch alone and none on LLaVA; a sliding-window variant of each kind (``V.WINDOW_FAMILIES``: every
+#: layer / the ``sliding_attention`` layers)
 CELLS = ([(family, "all-textmean" if family == "qwen2_5_vl" else "all") for family in V.FAMILIES]
          + [(family, name) for family in ("llava", "qwen2_vl") for name in ("pdrop", "dyvte-exit")]
-         + [("llava", "off"), ("qwen2_vl_window", "all"), ("llava_next_mistral", "all")])
+         + [("llava", name) for name in ("off", "mma", "var", "fastv")]
+         + [("qwen2_vl_window", "all"), ("llava_next_mistral", "all")])
 #: the long-sequence cells (LLaVA-NeXT's tiles): still run in CI, marked slow
 SLOW = {("llava_next_mistral", "all")}
 
