@@ -77,8 +77,8 @@ _TRITON_MAX_HEAD_DIM = 256
 
 @functools.cache
 def triton_available() -> bool:
-    """Whether the ``triton`` package can be imported (without importing it). Cached: the engine asks on every
-    layer call, and a failed ``find_spec`` searches the whole path (about 0.4 ms)."""
+    """Whether the ``triton`` package can be imported (without importing it). Cached: the dispatch asks per call
+    (the patch engine per forward), and a failed ``find_spec`` searches the whole path (about 0.4 ms)."""
     return importlib.util.find_spec("triton") is not None
 
 
