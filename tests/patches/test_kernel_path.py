@@ -142,6 +142,11 @@ def test_kernel_path_equals_sdpa_path(family, setting, interpreter, monkeypatch)
         assert _var_selected(trace) > 0 and _var_selected(trace) == _var_selected(ref_trace)
     if "prune" in SETTINGS[setting] or "dyvte" in SETTINGS[setting]:
         assert state.row_positions(LAYERS - 1) is not None
+    if "prune" in SETTINGS[setting]:  # the votes read from the kernel's lse equal the recomputed ones
+        scores, ref_scores = state.scratch["prune"]["scores"], ref.hf_kan_state.scratch["prune"]["scores"]
+        assert scores.keys() == ref_scores.keys() and len(scores) == scoring
+        for stage, votes in scores.items():
+            torch.testing.assert_close(votes, ref_scores[stage], rtol=0, atol=1e-6)
     logits, present = by_position(out)
     ref_logits, ref_present = by_position(ref)
     valid = inputs["attention_mask"].bool()
