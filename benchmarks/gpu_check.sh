@@ -10,11 +10,14 @@
 # hf_kan.patches, as setup.py maps them), and if the full package still does not import (e.g. an older
 # Transformers), a kernel-only view (hf_kan.errors and hf_kan.ops) so the kernel tests and benchmarks still run.
 #
-# Parts (GPU_CHECK_PARTS, default "tests attention rational sweep", run in that order):
+# Parts (GPU_CHECK_PARTS, default "tests attention vlm rational sweep", run in that order):
 #   tests      CUDA correctness: tests/ops/test_attention_*.py and test_rational_*.py (every kernel test runs on
 #              "cuda" as well as in the CPU interpreter; no-recompilation tests across lengths/batches)
 #   attention  benchmarks/attention.py: kernel vs SDPA flash / efficient vs eager, 1k-16k tokens, fwd and fwd+bwd,
 #              MMA, VAR, score taps, decode; memory; fraction of the measured bf16 matrix-product peak
+#   vlm        benchmarks/vlm_kernel.py: the whole LLaVA-shaped model on the hf_kan backend's fused Triton path vs
+#              its SDPA path vs stock sdpa (patches off / MMA / MMA + VAR + FastV), prefill and decode, memory, and
+#              the logit difference between the two paths (needs the full package)
 #   rational   benchmarks/rational.py: bf16 with the memory floor and the KAT-T vs ViT-T step, then fp32
 #   sweep      benchmarks/attention.py --sweep: alternative launch configurations of the attention kernels at 4k
 # Time: GPU_CHECK_BUDGET seconds in all (default 570, to fit a 10-minute command); each part runs under its own
@@ -25,7 +28,7 @@ set -uo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 OUT_DIR="${1:-${OUT:-$REPO/gpu_check_results}}"
-PARTS="${GPU_CHECK_PARTS:-tests attention rational sweep}"
+PARTS="${GPU_CHECK_PARTS:-tests attention vlm rational sweep}"
 BUDGET="${GPU_CHECK_BUDGET:-570}"
 mkdir -p "$OUT_DIR"
 cd "$REPO"
@@ -115,6 +118,15 @@ fi
 
 if has_part attention; then
   run_part attention 300 "$PY" benchmarks/attention.py --json "$OUT_DIR/attention.json"
+fi
+
+if has_part vlm; then
+  if [ "$FULL" = 1 ]; then
+    run_part vlm 150 "$PY" benchmarks/vlm_kernel.py --json "$OUT_DIR/vlm_kernel.json"
+  else
+    say "!! vlm skipped: the full package does not import here"
+    status=1
+  fi
 fi
 
 if has_part rational; then

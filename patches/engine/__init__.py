@@ -8,7 +8,7 @@ The engine never imports a patch (``mma/``, ``var/``, ``prune/``, ``dyvte/``): p
 from __future__ import annotations
 
 from .cache import HFKanCache, KVLedger
-from .compute import COMPUTE, explicit_attention, sdpa_compute
+from .compute import AttentionMetadata, explicit_attention, kernel_compute, sdpa_compute, select_compute
 from .config import CONFIG_ATTRIBUTE, PatchConfig
 from .dropping import check_no_labels, current_rows, drop_tokens, drop_visual
 from .hooks import extra_runtime
@@ -20,7 +20,6 @@ from .spec import CliCommand, PatchSpec
 from .state import STATE_KWARG, ForwardState
 
 __all__ = [
-    "COMPUTE",
     "CONFIG_ATTRIBUTE",
     "IMAGE",
     "PAD",
@@ -28,6 +27,7 @@ __all__ = [
     "TEXT",
     "VIDEO",
     "ApplyContext",
+    "AttentionMetadata",
     "CliCommand",
     "ForwardState",
     "HFKanCache",
@@ -46,9 +46,11 @@ __all__ = [
     "drop_visual",
     "explicit_attention",
     "extra_runtime",
+    "kernel_compute",
     "metadata_mask",
     "modality_codes",
     "parse_options",
     "sdpa_compute",
+    "select_compute",
     "visual_outside_last_chunk",
 ]

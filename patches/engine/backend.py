@@ -6,10 +6,12 @@ masks for this implementation name.
 
 - Text decoder attention with a ``ForwardState`` in its keyword arguments (put there by the model hook that
   ``hf_kan.patches.apply`` installs): the mask Transformers built is ignored; the layer's mask is derived from the
-  token metadata, the layer's sliding window and the cache ledger (``ForwardState.mask_for``), and the output is
-  computed by the configured compute path (SDPA on CPU), or with explicit probabilities on layers where a patch
-  transforms them. The ``sliding_window`` a model passes to its attention function must be the window the config
-  declares for that layer (``engine.windows``); anything else raises.
+  token metadata, the layer's sliding window and the cache ledger, and the output is computed on the path
+  ``engine.compute.select_compute`` picks: the fused Triton kernel reading that metadata
+  (``ForwardState.attention_metadata``; CUDA), or SDPA under the materialised mask (``ForwardState.mask_for``; CPU,
+  the reference), with explicit probabilities on layers where a patch transforms them. The ``sliding_window`` a
+  model passes to its attention function must be the window the config declares for that layer
+  (``engine.windows``); anything else raises.
 - Anything else (vision towers, a model loaded with ``attn_implementation="hf_kan"`` but never given the hook): the
   mask builder's deferred mask is materialised exactly as ``sdpa`` would build it, and SDPA runs; the result equals
   ``"sdpa"``. If the config enables a patch but the hook is missing, a clear error says to call ``apply``.
@@ -22,7 +24,7 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from ...errors import InputLayoutError, UnsupportedModelError
-from .compute import explicit_attention, sdpa_compute
+from .compute import explicit_attention, kernel_compute, sdpa_compute
 from .config import CONFIG_ATTRIBUTE
 from .state import STATE_KWARG
 
@@ -92,9 +94,6 @@ def hf_kan_attention(module, query, key, value, attention_mask, scaling=None, dr
             f"{state.window(layer_idx)} (layer_types / sliding_window); hf_kan builds the masks from the config, so "
             "this model's attention cannot be reproduced exactly"
         )
-    mask, is_causal = state.mask_for(layer_idx, key.shape[2])
-    for rt in state.layer_runtimes:
-        rt.observe_attention(state, layer_idx, module, query, key, scaling)
     transform = None
     for rt in state.runtimes:
         fn = rt.probs_transform(state, layer_idx)
@@ -102,12 +101,41 @@ def hf_kan_attention(module, query, key, value, attention_mask, scaling=None, dr
             if transform is not None:
                 raise InputLayoutError(f"two patches transform attention probabilities on layer {layer_idx}")
             transform = fn
-    if transform is not None:
+    var_spec = getattr(transform, "var_spec", None)
+    grad = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)
+    path = state.compute_path(query, var=transform is not None, grad=grad,
+                              blocker=_kernel_blocker(state, dropout, transform, var_spec))
+    lse = None
+    if path == "triton":
+        spec = None if transform is None else var_spec(key.shape[2])
+        out, res = kernel_compute(query, key, value, state, layer_idx, scaling, var=spec,
+                                  lse=bool(state.layer_runtimes))
+        if res is not None:
+            lse = res.lse
+            record = getattr(transform, "record_selected", None)
+            if record is not None and res.var_selected is not None:
+                record(res.var_selected)
+    elif transform is not None:
+        mask, _ = state.mask_for(layer_idx, key.shape[2])
         out = explicit_attention(module, query, key, value, mask, scaling, transform,
                                  first_row=getattr(transform, "first_row", 0))
     else:
-        out = state.compute(module, query, key, value, mask, scaling, dropout, is_causal)
+        mask, is_causal = state.mask_for(layer_idx, key.shape[2])
+        out = sdpa_compute(module, query, key, value, mask, scaling, dropout, is_causal)
+    for rt in state.layer_runtimes:
+        rt.observe_attention(state, layer_idx, module, query, key, scaling, lse=lse)
     return out, None
+
+
+def _kernel_blocker(state, dropout: float, transform, var_spec) -> str | None:
+    """What this layer needs that the fused kernel cannot compute (``None``: nothing)."""
+    if dropout:
+        return f"attention dropout ({dropout})"
+    if state.mask_runtimes:
+        return "the mask_rule of " + ", ".join(repr(rt.name) for rt in state.mask_runtimes)
+    if transform is not None and var_spec is None:
+        return "explicit attention probabilities (a probs_transform with no var_spec, or a VAR layer being recorded)"
+    return None
 
 
 def register() -> None:

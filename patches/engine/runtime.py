@@ -12,9 +12,11 @@ the ``ForwardState``; the hooks and the backend then call:
 - ``mask_rule(state, layer_idx, q, k, allowed)`` to widen/narrow the ``(B, T, S)`` bool mask built from metadata
   (``q``/``k``: ``TokenLayout`` of the layer's queries and keys);
 - ``probs_transform(state, layer_idx)`` returning a function that rewrites post-softmax probabilities for that
-  layer, or ``None`` to keep the fused fast path (VAR on its selected layers);
+  layer, or ``None`` to keep the fused fast path (VAR on its selected layers); a transform the fused kernel can
+  apply itself carries a ``var_spec`` (VAR's);
 - ``after_layer(state, layer_idx, hidden_states)`` with the layer's output (DyVTE routers read it here);
-- ``observe_attention(state, layer_idx, module, query, key, scaling)``: read-only attention inputs (pruning scores);
+- ``observe_attention(state, layer_idx, module, query, key, scaling, lse=...)``: read-only attention inputs, after the
+  layer's attention ran (pruning scores; ``lse``: the rows' log-sum-exp when the fused kernel computed the layer);
 - ``begin_forward(state, inputs)`` / ``end_forward(state, output)`` once per forward;
 - ``prefill_chunk_error(layout, starts)`` before ``generate(..., prefill_chunk_size=N)`` prefills a prompt in several
   forwards: why the patch cannot follow that split exactly (``None``: it can).
@@ -59,6 +61,12 @@ class PatchRuntime:
         return allowed
 
     def probs_transform(self, state, layer_idx: int) -> Callable[[torch.Tensor, slice], torch.Tensor] | None:
+        """A function ``(probs (B, H, t, S) float32, rows: slice) -> probs`` rewriting the layer's post-softmax
+        probabilities (the explicit path, ``engine.compute.explicit_attention``), or ``None``. Optional attributes:
+        ``first_row`` (rows before it are never changed: they stay on the fused path), ``var_spec`` (``key_length ->
+        hf_kan.ops.attention.VARSpec``: the same rewrite as VAR parameters the fused kernel applies in its pass; without
+        it the layer runs on the explicit path) and ``record_selected`` (called with the kernel's ``(B, H, T)`` VAR
+        selection)."""
         return None
 
     def before_layer(self, state, layer_idx: int, hidden_states: torch.Tensor, kwargs: dict) -> torch.Tensor | None:
@@ -68,10 +76,13 @@ class PatchRuntime:
         return None
 
     def observe_attention(self, state, layer_idx: int, module, query: torch.Tensor, key: torch.Tensor,
-                          scaling: float) -> None:
-        """Read-only view of a text layer's attention inputs, called by the backend for runtimes with
-        ``uses_layer_hooks``: ``query`` ``(B, H, T, D)`` and ``key`` ``(B, H_kv, S, D)`` (RoPE applied, cache
-        included). Pruning recomputes one query row's attention from them instead of asking for attention weights."""
+                          scaling: float, lse: torch.Tensor | None = None) -> None:
+        """Read-only view of a text layer's attention inputs, called by the backend after the layer's attention for
+        runtimes with ``uses_layer_hooks``: ``query`` ``(B, H, T, D)`` and ``key`` ``(B, H_kv, S, D)`` (RoPE applied,
+        cache included); ``lse`` ``(B, H, T)``: each row's log-sum-exp of the scaled scores over its visible keys
+        when the fused kernel computed the layer (``None`` on the SDPA path). Pruning reads one query row's attention
+        from them (``hf_kan.ops.attention.attention_taps`` with ``lse``, else a recomputation) instead of asking for
+        attention weights."""
         return None
 
     def begin_forward(self, state, inputs: dict) -> None:

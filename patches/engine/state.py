@@ -16,10 +16,11 @@ import weakref
 
 import torch
 
+from ...ops.attention import requested_backend
 from .cache import HFKanCache
-from .compute import COMPUTE
+from .compute import AttentionMetadata, select_compute
 from .config import PatchConfig
-from .layout import TokenLayout
+from .layout import TEXT, TokenLayout
 from .masks import causal_is_trivial_at, metadata_mask
 
 STATE_KWARG = "hf_kan_state"
@@ -29,7 +30,7 @@ class ForwardState:
     """Per-forward metadata and mask memo of the hf_kan backend."""
 
     def __init__(self, config: PatchConfig, layout: TokenLayout, cache: HFKanCache | None, runtimes: list,
-                 seen_before: int, compute: str = "sdpa", model=None, windows: tuple[int | None, ...] = (),
+                 seen_before: int, compute: str | None = None, model=None, windows: tuple[int | None, ...] = (),
                  widened: bool = False):
         self.config = config
         #: per decoder layer, its sliding window (``None`` = full causal attention); ``engine.windows``
@@ -42,9 +43,13 @@ class ForwardState:
         self.cache = cache
         self.runtimes = runtimes
         self.seen_before = seen_before
-        self.compute = COMPUTE[compute]
+        #: the requested attention backend (``"auto"``, ``"triton"``, ``"sdpa"``, ``"reference"``): ``compute``, else
+        #: ``HF_KAN_ATTENTION_BACKEND``, read once per forward; ``engine.compute.select_compute`` decides per layer
+        self.backend = requested_backend(compute)
+        self._paths: dict = {}
         self._rows: list[tuple[int, torch.Tensor]] = []  # (from_layer, (B, T') positions; -1 = empty row)
         self._masks: dict = {}
+        self._metadata: dict = {}
         self._key_layouts: dict = {}  # id(held) -> [held, its TokenLayout or None]; the reference keeps ids unique
         self.mask_runtimes = [r for r in runtimes if r.changes_mask(self)]
         self.layer_runtimes = [r for r in runtimes if r.uses_layer_hooks]
@@ -76,6 +81,7 @@ class ForwardState:
         """Drop the per-forward memos (masks, key layouts) once the forward is over; the state itself may be kept on
         the output and the cache."""
         self._masks.clear()
+        self._metadata.clear()
         self._key_layouts.clear()
         self.needs_layer_hooks = None
 
@@ -98,6 +104,7 @@ class ForwardState:
         -1 for an empty row in samples that keep fewer tokens). The caller shortens the hidden states itself."""
         self._rows = [(k, v) for k, v in self._rows if k < from_layer] + [(from_layer, positions)]
         self._masks.clear()
+        self._metadata.clear()
 
     def row_positions(self, layer_idx: int) -> torch.Tensor | None:
         """``(B, T_l)`` original positions of the rows entering layer ``layer_idx``; ``None`` = all new tokens."""
@@ -156,18 +163,48 @@ class ForwardState:
         position = torch.gather(tokens.position, 1, safe).masked_fill(hole, -1)
         return position, torch.gather(tokens.valid, 1, safe) & ~hole
 
+    def _layer_group(self, layer_idx: int, key_length: int) -> tuple[torch.Tensor | None, object, int | None]:
+        """``(rows, key memo key, window)`` of the layer: layers equal in all three share masks and metadata."""
+        if self.cache is None:
+            kkey = self.key_layout(layer_idx, key_length)[1]
+        else:
+            kkey = self._held(layer_idx, key_length)[1]
+        return self.row_positions(layer_idx), kkey, self.window(layer_idx)
+
+    def compute_path(self, query: torch.Tensor, *, var: bool, grad: bool, blocker: str | None) -> str:
+        """``engine.compute.select_compute`` for a layer call of this forward, memoised on its arguments (the text
+        layers of one forward share device, dtype and head dim), so a decode step decides once, not per layer."""
+        key = (var, grad, blocker)
+        path = self._paths.get(key)
+        if path is None:
+            path = self._paths[key] = select_compute(self.backend, query, var=var, grad=grad, blocker=blocker,
+                                                     patched=bool(self.runtimes))
+        return path
+
+    # --- kernel metadata ---------------------------------------------------------------------------------------
+    def attention_metadata(self, layer_idx: int, key_length: int) -> AttentionMetadata:
+        """What the fused kernel reads instead of ``mask_for``'s mask: the query rows' and keys' original positions,
+        key validity, the MMA spans (when some span reaches past its token) and the layer's window; the arguments of
+        ``visibility_mask``, the rule ``mask_for`` evaluates. Memoised across layers that share rows, keys and
+        window. ``mask_rule`` s are not expressible here (the backend runs such layers on SDPA)."""
+        rows, kkey, window = self._layer_group(layer_idx, key_length)
+        memo = (None if rows is None else id(rows), kkey, window)
+        hit = self._metadata.get(memo)
+        if hit is None:
+            q, k = self.query_layout(layer_idx), self.key_layout(layer_idx, key_length)[0]
+            spans = self.widened
+            hit = self._metadata[memo] = AttentionMetadata(
+                q.position, k.position, k.valid, q.span_end if spans else None, (k.modality == TEXT) if spans else None,
+                window)
+        return hit
+
     # --- masks -----------------------------------------------------------------------------------------------
     def mask_for(self, layer_idx: int, key_length: int) -> tuple[torch.Tensor | None, bool]:
         """``(mask, is_causal)`` for layer ``layer_idx``: a ``(B, 1, T, S)`` bool mask (``engine.masks``: causal by
         original position, padding, the layer's window, ``span_end`` widening, then the runtimes' ``mask_rule``), or
         ``None`` with ``is_causal`` telling SDPA to apply plain causal masking. Memoised across layers that share
         rows, keys and window."""
-        rows = self.row_positions(layer_idx)
-        window = self.window(layer_idx)
-        if self.cache is None:
-            kkey = self.key_layout(layer_idx, key_length)[1]
-        else:
-            kkey = self._held(layer_idx, key_length)[1]
+        rows, kkey, window = self._layer_group(layer_idx, key_length)
         memo = (None if rows is None else id(rows), kkey, window, layer_idx if self._layer_dependent else None)
         hit = self._masks.get(memo)
         if hit is not None:

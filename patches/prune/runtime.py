@@ -3,11 +3,13 @@
 For each stage ``s`` with layer ``K = layers[s]``:
 
 1. the configured scorer computes, for its voting query row(s) only (FastV/PDrop: each sample's last prompt token),
-   ``softmax(q K^T * scaling)`` averaged over heads (``scorers.attention_votes``), no attention weights requested
-   from the main kernel. With ``score_layer="previous"`` (FastV's rule) it reads layer K-1's queries and keys in that
-   layer's attention call, under its mask; with ``score_layer="own"`` (PyramidDrop's release) it applies layer K's
-   own input norm and query/key projections to the hidden states ENTERING layer K (``own_layer.own_layer_votes``),
-   with RoPE at the tokens' original positions;
+   ``softmax(q K^T * scaling)`` averaged over heads, no attention weights requested from the main kernel. With
+   ``score_layer="previous"`` (FastV's rule) it reads layer K-1's queries and keys in that layer's attention call,
+   under its own visibility: from the fused kernel's row log-sum-exp (``scorers.attention_tap_votes``) when the
+   kernel ran the layer, else recomputed (``scorers.attention_votes``); with ``score_layer="own"`` (PyramidDrop's
+   release) it applies layer K's own input norm and query/key projections to the hidden states ENTERING layer K
+   (``own_layer.own_layer_votes``, recomputed: that layer's attention has not run yet), with RoPE at the tokens'
+   original positions;
 2. before layer K runs, each sample keeps its ``floor(r_s * N + 0.5)`` best-scoring visual tokens (``N`` = the
    sample's visual tokens in this forward), optionally after debiasing (``debias.py``), plus all its text;
 3. ``engine.dropping.drop_tokens`` shortens the hidden states, the rotary embeddings and the cache ledger from
@@ -108,14 +110,19 @@ class PruneRuntime(PatchRuntime):
         return None
 
     # --- scoring with layer K-1's attention (score_layer="previous") ------------------------------------------
-    def observe_attention(self, state, layer_idx, module, query, key, scaling) -> None:
+    def observe_attention(self, state, layer_idx, module, query, key, scaling, lse=None) -> None:
         stage = self._score_stage.get(layer_idx)
         if not self.enabled or stage is None:
             return
         with torch.no_grad():
-            mask, is_causal = state.mask_for(layer_idx, key.shape[2])
             q = state.query_layout(layer_idx)
-            votes = self.scorer(q, query, key, mask, is_causal, scaling, getattr(module, "num_key_value_groups", 1))
+            if lse is not None:  # the fused kernel ran the layer: read its rows' log-sum-exp
+                votes = self.scorer.taps(q, query, key, state.attention_metadata(layer_idx, key.shape[2]), lse,
+                                         scaling)
+            else:
+                mask, is_causal = state.mask_for(layer_idx, key.shape[2])
+                votes = self.scorer(q, query, key, mask, is_causal, scaling,
+                                    getattr(module, "num_key_value_groups", 1))
             keys, _ = state.key_layout(layer_idx, key.shape[2])
         self.record["scores"][stage] = scores_by_column(state, votes, keys.position, keys.valid)
 

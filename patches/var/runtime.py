@@ -21,8 +21,11 @@ Per configured decoder layer l:
    ``alpha_j + Omega * alpha_j / A``. Every other entry and every unselected row is left exactly as it was, and row
    sums are preserved.
 
-The backend materialises probabilities (``engine.compute.explicit_attention``, chunked over queries) only on VAR
-layers of forwards that have eligible queries and sink keys; everywhere else the fused path runs unchanged.
+On VAR layers of forwards with eligible queries, the rule is declared twice, from the same per-key flags: as a
+``VARSpec`` (``transform.var_spec``) that the fused Triton kernel applies exactly inside its pass
+(``hf_kan.ops.attention``), and as the probability transform of the explicit path (``engine.compute.
+explicit_attention``, chunked over queries: the SDPA path and the reference, also used while ``record_var`` keeps a
+layer's probabilities). The rule itself is ``hf_kan.ops.attention.var_redistribute`` (one definition).
 """
 
 from __future__ import annotations
@@ -32,7 +35,8 @@ from collections.abc import Callable
 import torch
 
 from ...errors import InputLayoutError
-from ...ops.attention.reference import var_redistribute as redistribute
+from ...ops.attention import VARSpec
+from ...ops.attention import var_redistribute as redistribute
 from ..engine.layout import modality_codes
 from ..engine.runtime import PatchRuntime
 from .config import VARConfig
@@ -140,7 +144,8 @@ class VARRuntime(PatchRuntime):
         trace = state.scratch.get(TRACE_KEY)
         keys: dict = {}
 
-        def key_flags(s: int):
+        def key_flags(s: int) -> tuple[torch.Tensor, torch.Tensor]:
+            """``(image, sink)`` ``(B, S)`` bool flags of the layer's ``s`` keys (gathered once)."""
             if "image" not in keys:
                 k, _ = state.key_layout(layer_idx, s)
                 image = torch.zeros_like(k.modality, dtype=torch.bool)
@@ -148,24 +153,34 @@ class VARRuntime(PatchRuntime):
                     image |= k.modality == c
                 b = torch.arange(k.batch_size, device=k.position.device)[:, None].expand_as(k.position)
                 sink = table[b, k.position.clamp(min=0), layer_idx] & (k.position >= 0) & k.valid
-                keys["image"], keys["sink"] = image[:, None, None], sink[:, None, None]  # (B, 1, 1, S)
+                keys["image"], keys["sink"] = image, sink
             return keys["image"], keys["sink"]
 
         def transform(probs: torch.Tensor, rows: slice) -> torch.Tensor:
             image, sink = key_flags(probs.shape[-1])
-            out, selected = redistribute(probs, sink, image, query[:, None, rows], cfg.p, cfg.rho,
-                                         cfg.min_image_attention)
+            out, selected = redistribute(probs, sink[:, None, None], image[:, None, None], query[:, None, rows], cfg.p,
+                                         cfg.rho, cfg.min_image_attention)
             if trace is not None:
                 _record(trace, layer_idx, rows, probs, out, selected)
             return out
 
+        def var_spec(s: int) -> VARSpec:
+            image, sink = key_flags(s)
+            return VARSpec(sink=sink, image=image, query=query, p=cfg.p, rho=cfg.rho,
+                           min_image_attention=cfg.min_image_attention)
+
         # rows before the first eligible query are never changed: the backend computes them on the fused path
         rows_idx = torch.arange(query.shape[1], device=query.device)
         transform.first_row = int(torch.where(query, rows_idx, query.shape[1]).amin())
+        if trace is None or trace.get("keep_probs_layer") != layer_idx:  # a recorded layer needs its probabilities
+            transform.var_spec = var_spec
+        if trace is not None:
+            transform.record_selected = lambda selected: _record(trace, layer_idx, slice(0, selected.shape[-1]), None,
+                                                                 None, selected)
         return transform
 
 
-def _record(trace: dict, layer_idx: int, rows: slice, before: torch.Tensor, after: torch.Tensor,
+def _record(trace: dict, layer_idx: int, rows: slice, before: torch.Tensor | None, after: torch.Tensor | None,
             selected: torch.Tensor) -> None:
     """Keep diagnostics for ``hf_kan.patches.record_var`` (``var/picture.py``): the selection of every (head,
     query) and, for the requested layer, the probabilities before/after."""

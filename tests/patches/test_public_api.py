@@ -12,11 +12,12 @@ USER_API = [
     "record_var", "sink_dim_scores", "status",
 ]
 ENGINE_API = [
-    "COMPUTE", "CONFIG_ATTRIBUTE", "IMAGE", "PAD", "STATE_KWARG", "TEXT", "VIDEO", "ApplyContext", "CliCommand",
+    "CONFIG_ATTRIBUTE", "IMAGE", "PAD", "STATE_KWARG", "TEXT", "VIDEO", "ApplyContext", "AttentionMetadata",
+    "CliCommand",
     "ForwardState", "HFKanCache", "KVLedger", "PatchConfig", "PatchRuntime", "PatchSpec", "TokenLayout", "VisualItem",
     "argument_options", "base_mask", "build_layout", "check_no_labels", "current_rows", "drop_tokens", "drop_visual",
-    "explicit_attention", "extra_runtime", "metadata_mask", "modality_codes", "parse_options", "sdpa_compute",
-    "visual_outside_last_chunk",
+    "explicit_attention", "extra_runtime", "kernel_compute", "metadata_mask", "modality_codes", "parse_options",
+    "sdpa_compute", "select_compute", "visual_outside_last_chunk",
 ]
 
 

@@ -51,6 +51,7 @@ never silently replaced. Triton is imported only when the Triton backend runs. N
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 
@@ -74,8 +75,10 @@ _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _TRITON_MAX_HEAD_DIM = 256
 
 
+@functools.cache
 def triton_available() -> bool:
-    """Whether the ``triton`` package can be imported (without importing it)."""
+    """Whether the ``triton`` package can be imported (without importing it). Cached: the dispatch asks per call
+    (the patch engine per forward), and a failed ``find_spec`` searches the whole path (about 0.4 ms)."""
     return importlib.util.find_spec("triton") is not None
 
 
@@ -100,19 +103,28 @@ def _needs_grad(*tensors: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
+def kernel_eligible(q: torch.Tensor, *, var: bool = False, grad: bool = False) -> bool:
+    """The ``"auto"`` rule for the Triton kernel: ``q`` is a CUDA tensor (or a CPU tensor under ``TRITON_INTERPRET=1``)
+    of fp32/fp16/bf16 with a head dim the kernel supports, Triton is installed, and the call is not VAR with gradients
+    (no kernel backward through VAR). Reads no backend environment variable (the patch engine calls it per forward)."""
+    # device first: the CPU default path decides without looking for the package
+    return ((q.is_cuda or (q.device.type == "cpu" and _interpreter_requested()))
+            and q.dtype in _TRITON_DTYPES and q.shape[-1] <= _TRITON_MAX_HEAD_DIM and triton_available()
+            and not (var and grad))
+
+
 def resolve_backend(
     backend: str | None, q: torch.Tensor, *, var: bool = False, lse: bool = False, grad: bool = False
 ) -> str:
     """Return the concrete backend (``"reference"``, ``"sdpa"`` or ``"triton"``) for a call on ``q``.
 
-    ``var`` / ``lse`` / ``grad``: the call applies VAR / returns the log-sum-exp / needs gradients. Raises
+    ``var`` / ``lse`` / ``grad``: the call applies VAR / returns the log-sum-exp / needs gradients. ``"auto"``:
+    ``"triton"`` when :func:`kernel_eligible`, else ``"reference"`` for VAR or ``lse``, else ``"sdpa"``. Raises
     :class:`BackendUnavailableError` when a backend requested explicitly cannot run the call.
     """
     name = requested_backend(backend)
     if name == "auto":
-        triton_ok = (q.dtype in _TRITON_DTYPES and q.shape[-1] <= _TRITON_MAX_HEAD_DIM and triton_available()
-                     and (q.is_cuda or (q.device.type == "cpu" and _interpreter_requested())))
-        if triton_ok and not (var and grad):
+        if kernel_eligible(q, var=var, grad=grad):
             return "triton"
         return "reference" if var or lse else "sdpa"
     if name == "sdpa" and (var or lse):
@@ -246,6 +258,7 @@ __all__ = [
     "attention_taps",
     "attention_taps_reference",
     "check_attention_inputs",
+    "kernel_eligible",
     "masked_attention",
     "masked_attention_reference",
     "requested_backend",

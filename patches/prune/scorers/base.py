@@ -1,10 +1,14 @@
-"""The scorer interface and the recomputed single-row attention every attention-based scorer shares."""
+"""The scorer interface and the single-row attention every attention-based scorer shares: recomputed under the
+layer's mask on the SDPA path (``attention_votes``, the reference), read from the fused kernel's log-sum-exp on the
+Triton path (``attention_tap_votes``)."""
 
 from __future__ import annotations
 
 import torch
 from transformers.integrations.sdpa_attention import repeat_kv
 
+from ....ops.attention import attention_taps
+from ...engine.compute import AttentionMetadata
 from ...engine.layout import TokenLayout
 
 
@@ -40,6 +44,20 @@ def attention_votes(query: torch.Tensor, key: torch.Tensor, weights: torch.Tenso
     return torch.einsum("br,brs->bs", weights[:, rows].float(), probs)
 
 
+def attention_tap_votes(query: torch.Tensor, key: torch.Tensor, weights: torch.Tensor, meta: AttentionMetadata,
+                        lse: torch.Tensor, scaling: float) -> torch.Tensor:
+    """What :func:`attention_votes` computes, read from the layer's forward instead of recomputed: the voting rows'
+    ``lse`` ``(B, H, T)`` (the fused kernel's, ``return_lse=True``) and the layer's metadata ``meta`` feed
+    :func:`hf_kan.ops.attention.attention_taps` (``score[b, j] = sum_i w[b, i] mean_h exp(q_bhi . k_bj * scaling -
+    lse_bhi)``), which never materialises probabilities."""
+    rows = weights.ne(0).any(0).nonzero().flatten()
+    span = meta.q_span_end
+    return attention_taps(query[:, :, rows], key, weights[:, rows].float(), q_pos=meta.q_pos[:, rows],
+                          k_pos=meta.k_pos, k_valid=meta.k_valid, q_span_end=None if span is None else span[:, rows],
+                          k_text=meta.k_text, window=meta.window, scale=scaling, lse=lse[:, :, rows],
+                          backend="triton")
+
+
 class Scorer:
     """Scores the visual tokens of a pruning stage from one layer's queries and keys (layer K-1's attention call, or
     layer K's own projections: ``PruneConfig.score_layer``).
@@ -56,5 +74,9 @@ class Scorer:
     def __call__(self, q: TokenLayout, query, key, mask, is_causal, scaling, groups) -> torch.Tensor:
         return attention_votes(query, key, self.query_weights(q), mask, is_causal, scaling, groups)
 
+    def taps(self, q: TokenLayout, query, key, meta: AttentionMetadata, lse, scaling) -> torch.Tensor:
+        """The same scores from the fused kernel's row log-sum-exp (``attention_tap_votes``)."""
+        return attention_tap_votes(query, key, self.query_weights(q), meta, lse, scaling)
 
-__all__ = ["Scorer", "attention_votes", "last_prompt_row"]
+
+__all__ = ["Scorer", "attention_tap_votes", "attention_votes", "last_prompt_row"]
