@@ -3,7 +3,8 @@
 Every family (and a sliding-window variant) x patch setting: prefill logits (left-padded batch, fp32) and a cached
 greedy ``generate`` computed with ``HF_KAN_ATTENTION_BACKEND=triton`` (the kernel, in Triton's interpreter on CPU:
 ``TRITON_INTERPRET=1``) equal the default SDPA path to 1e-5, and the kernel really ran every decoder layer (VAR
-applied in the kernel, pruning scored with ``attention_taps`` from the layer's log-sum-exp). Plus the dispatch rules
+applied in the kernel, pruning stages scored in layer K-1 with ``attention_taps`` from its log-sum-exp; PDrop's
+own-layer scoring recomputes). Plus the dispatch rules
 (``engine.compute.select_compute``) and the errors an explicit request that cannot run raises.
 
 The interpreter runs each program in Python (tens of milliseconds each), so the models have 3 decoder layers and the
@@ -44,7 +45,8 @@ SETTINGS = {
     "mma": {"mma": MMA},
     "var": {"var": VAR},
     "fastv": {"prune": FASTV},
-    "pdrop": {"prune": PDROP},
+    "pdrop": {"prune": PDROP},  # scored at each stage's own layer (PDrop's default): recomputed, no taps
+    "pdrop-previous": {"prune": {**PDROP, "score_layer": "previous"}},  # two stages read from the kernel's lse
     "dyvte-exit": {"dyvte": {"router_hidden": 16, "force_exit_layer": 1}},
     "all": {"mma": MMA, "var": VAR, "prune": FASTV},
     # FastV's text-mean voter: several voting rows read from the kernel's lse at once
@@ -56,7 +58,7 @@ SETTINGS = {
 #: layer / the ``sliding_attention`` layers)
 CELLS = ([(family, "all-textmean" if family == "qwen2_5_vl" else "all") for family in V.FAMILIES]
          + [(family, name) for family in ("llava", "qwen2_vl") for name in ("pdrop", "dyvte-exit")]
-         + [("llava", name) for name in ("off", "mma", "var", "fastv")]
+         + [("llava", name) for name in ("off", "mma", "var", "fastv", "pdrop-previous")]
          + [("qwen2_vl_window", "all"), ("llava_next_mistral", "all")])
 #: the long-sequence cells (LLaVA-NeXT's tiles): still run in CI, marked slow
 SLOW = {("llava_next_mistral", "all")}
@@ -133,8 +135,12 @@ def test_kernel_path_equals_sdpa_path(family, setting, interpreter, monkeypatch)
     out, trace, gen = run(model, inputs, "triton", monkeypatch)
     # the prefill ran every decoder layer in the kernel; then the generate's prefill and one decode step
     assert interpreter["forward"] == 3 * LAYERS
-    scoring = len(SETTINGS[setting].get("prune", {}).get("layers", ()))
-    assert interpreter["taps"] == 2 * scoring
+    prune = SETTINGS[setting].get("prune", {})
+    scoring = len(prune.get("layers", ()))
+    own_layer = prune.get("score_layer", "own" if prune.get("scorer") == "pdrop" else "previous") == "own"
+    # stages scored in layer K-1's attention call read the kernel's lse; own-layer scoring recomputes (layer K's
+    # attention has not run when its tokens are chosen)
+    assert interpreter["taps"] == (0 if own_layer else 2 * scoring)
     state = out.hf_kan_state
     if "mma" in SETTINGS[setting]:
         assert state.widened
