@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import importlib.util
 import json
 import os
 import statistics
@@ -233,7 +234,8 @@ def plot_budget(rows: Sequence[dict[str, Any]], path: str, title: str = "") -> N
 
 
 def write_outputs(report: dict[str, Any], output_dir: str) -> dict[str, str]:
-    """Write ``eval.json`` (``report``), ``eval.csv`` (``report["rows"]``) and ``eval.png``; returns their paths."""
+    """Write ``eval.json`` (``report``), ``eval.csv`` (``report["rows"]``) and ``eval.png``; returns their paths.
+    Without matplotlib (the ``plot`` extra) the PNG is skipped with a warning and left out of the result."""
     os.makedirs(output_dir, exist_ok=True)
     paths = {ext: os.path.join(output_dir, f"eval.{ext}") for ext in ("json", "csv", "png")}
     with open(paths["json"], "w") as handle:
@@ -243,6 +245,11 @@ def write_outputs(report: dict[str, Any], output_dir: str) -> dict[str, str]:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
+    if importlib.util.find_spec("matplotlib") is None:
+        logger.warning("matplotlib is not installed, so eval.png was not written; install it with "
+                       "`pip install 'hf-kan[plot]'` (the table is in eval.json and eval.csv)")
+        del paths["png"]
+        return paths
     plot_budget(rows, paths["png"], title=f"{report['task']}, {report['num_samples']} samples")
     return paths
 
@@ -329,7 +336,7 @@ def _run(args: argparse.Namespace) -> int:
           f"{report['timing']['rounds']} interleaved rounds, batch {report['timing']['batch']})")
     for skipped in report["skipped"]:
         print(f"skipped {skipped['setting']}: {skipped['reason']}")
-    print(f"wrote {paths['json']}, {paths['csv']}, {paths['png']}")
+    print(f"wrote {', '.join(paths.values())}")
     return 0
 
 

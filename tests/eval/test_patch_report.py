@@ -124,3 +124,16 @@ def test_default_settings_keep_mma_on_for_a_model_trained_with_it():
     mma = patches.status(model)["patches"]["mma"]
     assert all(plans[n].setting.mma == mma for n in ("mma", "fastv-50", "fastv-25", "pdrop"))
     assert plans["fastv-50"].setting.prune["layers"] == [1]  # FastV's layer 2 does not exist in 2 layers
+
+
+def test_outputs_without_matplotlib_skip_only_the_plot(tmp_path, monkeypatch):
+    import importlib.util
+
+    from hf_kan.eval import patch_report
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name, *a))
+    row = {"setting": "unpatched", "method": "unpatched", "accuracy": 0.5, "visual_token_budget": 1.0}
+    paths = patch_report.write_outputs({"rows": [row], "task": "t", "num_samples": 1}, str(tmp_path))
+    assert sorted(paths) == ["csv", "json"] and not (tmp_path / "eval.png").exists()
+    assert json.loads((tmp_path / "eval.json").read_text())["rows"] == [row]
