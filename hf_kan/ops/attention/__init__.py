@@ -51,14 +51,12 @@ never silently replaced. Triton is imported only when the Triton backend runs. N
 
 from __future__ import annotations
 
-import functools
-import importlib.util
-import os
-
 import torch
 import torch.nn.functional as F
 
 from ...errors import BackendUnavailableError, InputLayoutError
+from .._backends import interpreter_requested, triton_available
+from .._backends import requested_backend as _requested_backend
 from .reference import (
     AttentionResult,
     VARSpec,
@@ -75,28 +73,10 @@ _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _TRITON_MAX_HEAD_DIM = 256
 
 
-@functools.cache
-def triton_available() -> bool:
-    """Whether the ``triton`` package can be imported (without importing it). Cached: the dispatch asks per call
-    (the patch engine per forward), and a failed ``find_spec`` searches the whole path (about 0.4 ms)."""
-    return importlib.util.find_spec("triton") is not None
-
-
-def _interpreter_requested() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
-
-
 def requested_backend(backend: str | None = None) -> str:
-    """The backend name asked for: ``backend`` unless ``None``/``"auto"``, else the environment, else ``"auto"``."""
-    from_env = backend in (None, "auto")
-    name = (os.environ.get(BACKEND_ENV_VAR) or "auto") if from_env else backend
-    name = name.strip().lower()
-    if name not in BACKENDS:
-        source = BACKEND_ENV_VAR if from_env else "the backend argument"
-        raise BackendUnavailableError(
-            f"unknown attention backend {name!r} (from {source}); choose one of {', '.join(BACKENDS)}"
-        )
-    return name
+    """The backend name asked for: ``backend`` unless ``None``/``"auto"``, else ``HF_KAN_ATTENTION_BACKEND``, else
+    ``"auto"``."""
+    return _requested_backend(backend, BACKEND_ENV_VAR, BACKENDS, "attention")
 
 
 def _needs_grad(*tensors: torch.Tensor) -> bool:
@@ -108,7 +88,7 @@ def kernel_eligible(q: torch.Tensor, *, var: bool = False, grad: bool = False) -
     of fp32/fp16/bf16 with a head dim the kernel supports, Triton is installed, and the call is not VAR with gradients
     (no kernel backward through VAR). Reads no backend environment variable (the patch engine calls it per forward)."""
     # device first: the CPU default path decides without looking for the package
-    return ((q.is_cuda or (q.device.type == "cpu" and _interpreter_requested()))
+    return ((q.is_cuda or (q.device.type == "cpu" and interpreter_requested()))
             and q.dtype in _TRITON_DTYPES and q.shape[-1] <= _TRITON_MAX_HEAD_DIM and triton_available()
             and not (var and grad))
 

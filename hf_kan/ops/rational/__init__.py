@@ -20,12 +20,11 @@ never silently replaced. Triton is imported only when the Triton backend runs.
 
 from __future__ import annotations
 
-import importlib.util
-import os
-
 import torch
 
 from ...errors import BackendUnavailableError
+from .._backends import interpreter_requested, triton_available
+from .._backends import requested_backend as _requested_backend
 from .reference import DENOMINATOR_TERMS, NUMERATOR_TERMS, check_rational_shapes, rational_reference
 
 BACKEND_ENV_VAR = "HF_KAN_RATIONAL_BACKEND"
@@ -33,26 +32,10 @@ BACKENDS = ("auto", "reference", "cpu", "triton")
 _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def triton_available() -> bool:
-    """Whether the ``triton`` package can be imported (without importing it)."""
-    return importlib.util.find_spec("triton") is not None
-
-
-def _interpreter_requested() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
-
-
 def requested_backend(backend: str | None = None) -> str:
-    """The backend name asked for: ``backend`` unless ``None``/``"auto"``, else the environment, else ``"auto"``."""
-    from_env = backend in (None, "auto")
-    name = (os.environ.get(BACKEND_ENV_VAR) or "auto") if from_env else backend
-    name = name.strip().lower()
-    if name not in BACKENDS:
-        source = BACKEND_ENV_VAR if from_env else "the backend argument / config"
-        raise BackendUnavailableError(
-            f"unknown rational backend {name!r} (from {source}); choose one of {', '.join(BACKENDS)}"
-        )
-    return name
+    """The backend name asked for: ``backend`` unless ``None``/``"auto"``, else ``HF_KAN_RATIONAL_BACKEND``, else
+    ``"auto"``."""
+    return _requested_backend(backend, BACKEND_ENV_VAR, BACKENDS, "rational", "the backend argument / config")
 
 
 def resolve_backend(backend: str | None, x: torch.Tensor) -> str:
@@ -66,7 +49,7 @@ def resolve_backend(backend: str | None, x: torch.Tensor) -> str:
         if x.is_cuda:
             return "triton" if triton_ok else "reference"
         if x.device.type == "cpu":
-            return "triton" if triton_ok and _interpreter_requested() else "cpu"
+            return "triton" if triton_ok and interpreter_requested() else "cpu"
         return "reference"
     if name == "cpu" and x.device.type != "cpu":
         raise BackendUnavailableError(
