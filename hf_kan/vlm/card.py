@@ -74,7 +74,7 @@ def render_vlm_card(model: Any, args: dict[str, Any], metrics: dict[str, Any],
     with ``calibration`` (``calibration.json`` of ``hf-kan vlm-package``) it also lists the calibrated patches and
     loads the model with them."""
     from .. import __version__
-    from .train import VLMTrainingArguments
+    from .arguments import VLMTrainingArguments
 
     tower = "KAT (Group-Rational KAN MLPs)" if args["tower"] == "kat" else "CLIP ViT (GELU MLPs)"
     title = f"shapes-vqa-llava-{args['tower']}{'-mma' if args['mma'] else ''}"
