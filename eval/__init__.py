@@ -17,38 +17,27 @@ at its own start-up).
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from .._lazy import lazy_attributes
 
 _EXPORTS = {
-    "EfficiencyRecord": "runner",
-    "EvalSample": "runner",
-    "Generation": "runner",
-    "Runner": "runner",
-    "load_model": "runner",
-    "PatchSetting": "settings",
-    "EFFICIENCY_METRICS": "evaluation",
-    "TaskResult": "evaluation",
-    "evaluate_task": "evaluation",
-    "TaskSpec": "tasks",
-    "available_tasks": "tasks",
-    "get_task": "tasks",
-    "include_path": "tasks",
-    "register_task": "tasks",
-    "task_samples": "tasks",
-    "load_metric": "metrics",
+    "EfficiencyRecord": ".runner",
+    "EvalSample": ".runner",
+    "Generation": ".runner",
+    "Runner": ".runner",
+    "load_model": ".runner",
+    "PatchSetting": ".settings",
+    "EFFICIENCY_METRICS": ".evaluation",
+    "TaskResult": ".evaluation",
+    "evaluate_task": ".evaluation",
+    "TaskSpec": ".tasks",
+    "available_tasks": ".tasks",
+    "get_task": ".tasks",
+    "include_path": ".tasks",
+    "register_task": ".tasks",
+    "task_samples": ".tasks",
+    "load_metric": ".metrics",
 }
 
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
+__getattr__, __dir__ = lazy_attributes(__name__, _EXPORTS)

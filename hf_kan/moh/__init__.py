@@ -9,8 +9,7 @@ PEFT. Module dependencies are one way: ``peft_type`` <- ``config`` <- ``router``
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from .._lazy import lazy_attributes
 
 _LAZY_ATTRIBUTES = {
     "TRANSFORMERS_MODELS_TO_MOH_TARGET_MODULES_MAPPING": ".model",
@@ -27,16 +26,7 @@ _LAZY_ATTRIBUTES = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    if name not in _LAZY_ATTRIBUTES:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(_LAZY_ATTRIBUTES[name], __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY_ATTRIBUTES))
+__getattr__, __dir__ = lazy_attributes(__name__, _LAZY_ATTRIBUTES)
 
 
 __all__ = sorted(_LAZY_ATTRIBUTES)
